@@ -1,0 +1,1 @@
+"""Classic baselines scored on the stored candidate lists: popularity and SASRec."""

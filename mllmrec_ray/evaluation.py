@@ -1,0 +1,129 @@
+"""Evaluation records: load a split, score rankings, write and tabulate records.
+
+A record (docs/interfaces.md) is
+`{"model", "dataset", "split", "candidates", "n", "HR@3", "HR@5", "NDCG@3", "NDCG@5",
+  ("HR@10", "NDCG@10" for 100 candidates), "ci95": {metric: [lo, hi]}, "valid_ratio"}`
+plus whatever `extra` keys a ranker adds (e.g. training time).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from mllmrec_ray.io import atomic_write_json
+from mllmrec_ray.metrics import compute_metrics, ks_for
+
+SPLITS = ("train", "valid", "test")
+
+
+def load_split(data_dir: str | os.PathLike, split: str, n_candidates: int = 10):
+    """(samples, items) DataFrames for one split of a prepared data dir.
+
+    The returned samples carry the candidate list of the requested size in the
+    column `candidates` (taken from `candidates_100` for 100), so every ranker
+    reads the same column; `history` and `candidates` are plain Python lists.
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    column = {10: "candidates", 100: "candidates_100"}.get(n_candidates)
+    if column is None:
+        raise ValueError(f"n_candidates must be 10 or 100, got {n_candidates}")
+    data_dir = Path(data_dir)
+    table = pq.read_table(
+        data_dir / "samples.parquet",
+        columns=["sample_id", "user_id", "split", "history", "target", column],
+        filters=[("split", "==", split)],
+    )
+    samples = pd.DataFrame(
+        {
+            "sample_id": table.column("sample_id").to_pylist(),
+            "user_id": table.column("user_id").to_pylist(),
+            "split": table.column("split").to_pylist(),
+            "history": table.column("history").to_pylist(),
+            "target": table.column("target").to_pylist(),
+            "candidates": table.column(column).to_pylist(),
+        }
+    )
+    # Every ranker is scored on these lists: a malformed list would silently bias all of them.
+    for sid, target, cands in zip(samples.sample_id, samples.target, samples.candidates):
+        if len(cands) != n_candidates or len(set(cands)) != n_candidates or target not in cands:
+            raise ValueError(f"sample {sid}: bad {column} (size {len(cands)}, target inside: "
+                             f"{target in cands})")
+    items = pq.read_table(data_dir / "items.parquet").to_pandas()
+    return samples, items
+
+
+def evaluate_rankings(
+    rankings: Sequence[Sequence[str] | None],
+    targets: Sequence[str],
+    n_candidates: int,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """{"n", metric means..., "ci95": {metric: [lo, hi]}, "valid_ratio"} for one split."""
+    result = compute_metrics(rankings, targets, ks_for(n_candidates), n_resamples, seed)
+    names = sorted(result["means"], key=lambda m: (m.split("@")[0] != "HR", int(m.split("@")[1])))
+    out: dict = {"n": len(targets)}
+    out.update({m: result["means"][m] for m in names})
+    out["ci95"] = {m: result["ci95"][m] for m in names}
+    out["valid_ratio"] = sum(r is not None for r in rankings) / len(rankings)
+    return out
+
+
+def make_record(
+    model: str,
+    dataset: str,
+    split: str,
+    n_candidates: int,
+    rankings: Sequence[Sequence[str] | None],
+    targets: Sequence[str],
+    extra: dict | None = None,
+    seed: int = 0,
+) -> dict:
+    """The evaluation record of one model on one split (see module docstring)."""
+    record = {"model": model, "dataset": dataset, "split": split, "candidates": n_candidates}
+    record.update(evaluate_rankings(rankings, targets, n_candidates, seed=seed))
+    for key in extra or {}:
+        if key in record:
+            raise ValueError(f"extra key {key!r} would overwrite a record field")
+    record.update(extra or {})
+    return record
+
+
+def write_record(path: str | os.PathLike, record: dict) -> Path:
+    return atomic_write_json(path, record)
+
+
+def format_table(records: Sequence[dict]) -> str:
+    """Markdown table, one row per record, cells like `0.6543 [0.59,0.72]`."""
+    metrics: list[str] = []
+    for prefix in ("HR", "NDCG"):
+        for k in (3, 5, 10):
+            if any(f"{prefix}@{k}" in r for r in records):
+                metrics.append(f"{prefix}@{k}")
+    header = ["model", "dataset", "split", "cand", "n", *metrics, "valid"]
+    rows = []
+    for r in records:
+        row = [str(r.get("model", "")), str(r.get("dataset", "")), str(r.get("split", "")),
+               str(r.get("candidates", "")), str(r.get("n", ""))]
+        for m in metrics:
+            if m not in r:
+                row.append("-")
+                continue
+            lo, hi = r.get("ci95", {}).get(m, (None, None))
+            ci = f" [{lo:.2f},{hi:.2f}]" if lo is not None else ""
+            row.append(f"{r[m]:.4f}{ci}")
+        vr = r.get("valid_ratio")
+        row.append("-" if vr is None else f"{vr:.3f}")
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    return "\n".join(lines)
