@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh 2-core CPU machine:
+#   make demo   -> set up .venv, fetch ML-100K + SmolLM2, run the quickstart pipeline on a local Ray cluster
+#   make test   -> set up .venv, fetch ML-100K, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MLLMREC := $(VENV)/bin/mllmrec
+CONFIG ?= configs/quickstart.yaml
+STAMP := $(VENV)/.installed
+
+.PHONY: setup fetch demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	# CUDA builds pulled in by dependencies break `from vllm import LLM` on CPU (ENV-NOTES)
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+fetch: setup
+	$(MLLMREC) data fetch ml-100k
+	$(MLLMREC) models fetch smollm2-135m
+
+demo: fetch
+	$(MLLMREC) pipeline --config $(CONFIG)
+
+test: setup
+	$(MLLMREC) data fetch ml-100k
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+bench: fetch
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/rollout.py
+	$(PY) benchmarks/grpo_vs_trl.py
+
+clean:
+	rm -rf runs
