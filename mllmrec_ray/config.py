@@ -171,7 +171,16 @@ class EvalConfig:
 
 @dataclass
 class Stage1Config:
-    """Offline Stage I (captions, CoT, MDA)."""
+    """Offline Stage I (captions, CoT, MDA; SPEC sections 2-3).
+
+    Captions: captioner `pixel` (deterministic image statistics, the CPU default) or `vlm`.
+    CoT: cot_model writes the pseudo-CoT; refiner `local` (same engine actors) or `openai`
+        (an OpenAI-compatible endpoint, e.g. DeepSeek-R1); max_cot_samples caps the work.
+    Ablations (paper Table 2): cot_source `pseudo` skips refinement; refine_with_pseudo_cot /
+        refine_with_captions drop an input of the refiner.
+    MDA: keep the top p_sft / p_grpo fraction of samples by s_u (MiniLM `embedder`).
+    Scale: pool_size actors, batch_size rows per call, `resources` per actor.
+    """
 
     captioner: Literal["pixel", "vlm"] = "pixel"
     captioner_model: str | None = None
@@ -180,6 +189,9 @@ class Stage1Config:
     refiner_model: str | None = None
     refiner_endpoint: str | None = None
     max_cot_samples: int | None = None
+    cot_source: Literal["refined", "pseudo"] = "refined"
+    refine_with_pseudo_cot: bool = True
+    refine_with_captions: bool = True
     embedder: str = "all-MiniLM-L6-v2"
     p_sft: float = 0.1
     p_grpo: float = 0.05
