@@ -1,0 +1,287 @@
+"""`mllmrec grpo`: the GRPO controller (one driver, N vLLM rollout actors, one DeepSpeed learner).
+
+Per step: shard prompts over rollout actors (the G samples of a prompt stay on one
+actor), collect reward-scored groups, compute group-relative advantages, let the
+learner update, then push the new weights to every rollout actor before the next
+rollout. Checkpoints carry the adapter, optimizer, step, data cursor and RNG, so
+`--resume` continues where a run stopped; a dead rollout actor is replaced,
+re-synced and its prompts re-issued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from mllmrec_ray.config import GRPOConfig, PipelineConfig, load_config
+
+# Test hook: kill rollout actor 0 right after it was handed its prompts at this step,
+# so actor-failure recovery is exercised by a real process death mid-request.
+FAULT_ENV = "MLLMREC_FAULT_KILL_ROLLOUT_AT_STEP"
+
+
+def build_prompts(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, tokenizer) -> list[dict]:
+    """Rendered GRPO prompts of the train split, with MDA-selected reasoning where present."""
+    from mllmrec_ray.prompts import render_prompt, sample_messages
+    from mllmrec_ray.run_data import load_items, load_reasoning, load_samples
+
+    items = load_items(data_dir, stage1_dir / "captions.parquet" if cfg.prompt.with_captions else None)
+    reasoning = load_reasoning(stage1_dir / "cot.parquet", stage1_dir / "mda.parquet", "selected_grpo",
+                               cfg.stage1.cot_source)
+    key = "candidates" if cfg.prompt.n_candidates == 10 else "candidates_100"
+    prompts = []
+    for s in load_samples(data_dir, "train"):
+        messages = sample_messages(
+            {k: v for k, v in s.items() if k != "target"}, items, reasoning=reasoning.get(s["sample_id"]),
+            with_captions=cfg.prompt.with_captions, think_first=cfg.prompt.think_first,
+            n_candidates=cfg.prompt.n_candidates)
+        prompts.append({"sample_id": s["sample_id"], "prompt": render_prompt(tokenizer, messages),
+                        "target": s["target"], "candidates": list(s[key])})
+    if not prompts:
+        raise ValueError(f"{data_dir}/samples.parquet has no train samples")
+    return prompts
+
+
+def data_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Deterministic per-epoch permutation: the data cursor alone restores the order on resume."""
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+def next_batch(n: int, seed: int, cursor: int, size: int) -> tuple[list[int], int]:
+    """`size` prompt indices starting at global position `cursor` (epochs wrap), and the new cursor."""
+    picked = []
+    while len(picked) < size:
+        epoch, pos = divmod(cursor, n)
+        picked.append(data_order(n, seed, epoch)[pos])
+        cursor += 1
+    return picked, cursor
+
+
+def shard(indices: list[int], n_actors: int) -> list[list[int]]:
+    """Contiguous, balanced shards; a prompt (and so its whole group) lives on one actor."""
+    base, extra = divmod(len(indices), n_actors)
+    out, start = [], 0
+    for a in range(n_actors):
+        end = start + base + (1 if a < extra else 0)
+        out.append(indices[start:end])
+        start = end
+    return out
+
+
+class Controller:
+    def __init__(self, cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, model_path: str, out_dir: Path,
+                 model_out: Path):
+        import ray
+        from transformers import AutoTokenizer
+
+        from actors.learner import LearnerActor
+        from actors.rollout import RolloutActor
+
+        self.ray = ray
+        self.cfg, self.g = cfg, cfg.grpo
+        self.model_path, self.out_dir, self.model_out = model_path, out_dir, model_out
+        self.ckpt_dir = out_dir / "checkpoints"
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.prompts = build_prompts(cfg, data_dir, stage1_dir, tokenizer)
+        self.RolloutActor = RolloutActor
+        g = self.g
+        self.learner = LearnerActor.options(num_cpus=g.learner_resources.num_cpus,
+                                            num_gpus=g.learner_resources.num_gpus).remote(
+            model_path, asdict(g), asdict(cfg.model.lora))
+        self.actors = [self._new_actor(i) for i in range(g.rollout_actors)]
+        self.version = 0
+        self.restarts = 0
+
+    def _new_actor(self, index: int):
+        g = self.g
+        return self.RolloutActor.options(num_cpus=g.rollout_resources.num_cpus,
+                                         num_gpus=g.rollout_resources.num_gpus).remote(
+            self.model_path, asdict(self.cfg.model.engine), think_first=self.cfg.prompt.think_first,
+            seed=g.seed + 1000 * index)
+
+    def sync(self, actors=None) -> float:
+        from actors.weight_sync import sync_weights
+
+        t = time.perf_counter()
+        sync_weights(self.learner, actors or self.actors, self.g.weight_transport, self.version)
+        return time.perf_counter() - t
+
+    def rollout(self, indices: list[int], step: int) -> tuple[list[dict], float]:
+        """Generate groups on every actor; replace any actor that dies and re-issue its shard."""
+        from ray.exceptions import RayActorError
+
+        shards = shard(indices, len(self.actors))
+        payload = lambda ids: [{k: self.prompts[i][k] for k in ("sample_id", "prompt", "target", "candidates")}
+                               for i in ids]  # noqa: E731
+        sampling = {"n": self.g.group_size, "temperature": self.g.temperature, "top_p": self.g.top_p,
+                    "max_tokens": self.g.max_new_tokens}
+        pending = {}
+        for a, ids in enumerate(shards):
+            if ids:
+                ref = self.actors[a].generate_groups.remote(payload(ids), sampling, seed=self.g.seed + step * 7919 + a)
+                pending[ref] = a
+        if os.environ.get(FAULT_ENV) == str(step) and pending:
+            self.ray.kill(self.actors[0], no_restart=True)
+        groups, tokens, seconds = [], 0, 0.0
+        while pending:
+            ready, _ = self.ray.wait(list(pending), num_returns=1)
+            a = pending.pop(ready[0])
+            try:
+                result = self.ray.get(ready[0])
+            except RayActorError:
+                self.restarts += 1
+                if self.restarts > self.g.max_actor_restarts:
+                    raise
+                print(f"[grpo] rollout actor {a} died at step {step}; replacing it "
+                      f"(restart {self.restarts}/{self.g.max_actor_restarts}) and re-issuing {len(shards[a])} prompts",
+                      flush=True)
+                self.actors[a] = self._new_actor(a)
+                if self.version > 0:
+                    self.sync([self.actors[a]])
+                ref = self.actors[a].generate_groups.remote(payload(shards[a]), sampling,
+                                                            seed=self.g.seed + step * 7919 + a)
+                pending[ref] = a
+                continue
+            groups.extend(result["groups"])
+            tokens += result["tokens"]
+            seconds = max(seconds, result["seconds"])
+        order = {sid: k for k, sid in enumerate(self.prompts[i]["sample_id"] for i in indices)}
+        groups.sort(key=lambda grp: order[grp["sample_id"]])
+        return groups, tokens / max(seconds, 1e-9)
+
+    def save_checkpoint(self, step: int, cursor: int) -> None:
+        from mllmrec_ray.io import atomic_write_text
+
+        path = self.ckpt_dir / f"step_{step:06d}"
+        client_state = {"step": step, "cursor": cursor, "version": self.version,
+                        "python_rng": list(random.getstate()[1]), "config": asdict(self.g)}
+        self.ray.get(self.learner.save_checkpoint.remote(str(path), client_state))
+        # `latest` is rewritten only after the checkpoint is complete
+        atomic_write_text(self.ckpt_dir / "latest", path.name + "\n")
+
+    def load_latest(self) -> dict | None:
+        latest = self.ckpt_dir / "latest"
+        if not latest.exists():
+            return None
+        path = self.ckpt_dir / latest.read_text().strip()
+        state = self.ray.get(self.learner.load_checkpoint.remote(str(path)))
+        self.version = state["version"]
+        return state
+
+    def run(self, resume: bool = False) -> dict:
+        import torch
+        from torch.utils.tensorboard import SummaryWriter
+
+        from mllmrec_ray.grpo import group_advantages
+
+        g = self.g
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        step, cursor = 0, 0
+        if resume:
+            state = self.load_latest()
+            if state is None:
+                print(f"[grpo] --resume: no checkpoint in {self.ckpt_dir}; starting from step 0", flush=True)
+            else:
+                step, cursor = state["step"], state["cursor"]
+                print(f"[grpo] resumed at step {step} (cursor {cursor}, weights v{self.version})", flush=True)
+                self.sync()
+        writer = SummaryWriter(str(self.out_dir))
+        metrics_path = self.out_dir / "metrics.jsonl"
+        first = None
+        while step < g.steps:
+            t0 = time.perf_counter()
+            indices, cursor = next_batch(len(self.prompts), g.seed, cursor, g.prompts_per_step)
+            groups, tok_s = self.rollout(indices, step + 1)
+            rewards = torch.tensor([[r["reward"] for r in grp["responses"]] for grp in groups], dtype=torch.float32)
+            adv = group_advantages(rewards, std_normalize=g.std_normalize)
+            batch = [{"prompt_ids": grp["prompt_ids"], "response_ids": r["token_ids"], "advantage": float(adv[i, j])}
+                     for i, grp in enumerate(groups) for j, r in enumerate(grp["responses"])]
+            stats = self.ray.get(self.learner.train_step.remote(batch))
+            self.version += 1
+            sync_s = self.sync()
+            step += 1
+            responses = [r for grp in groups for r in grp["responses"]]
+            row = {
+                "step": step,
+                "reward_mean": float(rewards.mean()),
+                "reward_std": float(rewards.std(unbiased=False)),
+                "hit_rate": sum(r["hit"] for r in responses) / len(responses),
+                "valid_rate": sum(r["well_formed"] for r in responses) / len(responses),
+                "kl": stats.get("kl"), "loss": stats.get("loss"), "clip_frac": stats.get("clip_frac"),
+                "response_len": sum(len(r["token_ids"]) for r in responses) / len(responses),
+                "rollout_tok_s": tok_s, "sync_s": sync_s, "learner_s": stats.get("seconds"),
+                "step_s": time.perf_counter() - t0, "weights_version": self.version,
+                "actor_restarts": self.restarts, "sample_ids": [grp["sample_id"] for grp in groups],
+            }
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    writer.add_scalar(f"grpo/{k}", v, step)
+            writer.flush()
+            first = first or row
+            print(f"[grpo] step {step}/{g.steps} reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} "
+                  f"hit {row['hit_rate']:.2f} valid {row['valid_rate']:.2f} kl {row['kl'] or 0:.4f} "
+                  f"loss {row['loss'] or 0:.4f} rollout {tok_s:.0f} tok/s sync {sync_s:.2f}s step {row['step_s']:.1f}s",
+                  flush=True)
+            if g.checkpoint_every and (step % g.checkpoint_every == 0 or step == g.steps):
+                self.save_checkpoint(step, cursor)
+        writer.close()
+        self.ray.get(self.learner.save_merged.remote(str(self.model_out)))
+        print(f"[grpo] merged policy written to {self.model_out}", flush=True)
+        return {"steps": step, "first": first, "restarts": self.restarts}
+
+
+def run_grpo(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, model_path: str, out_dir: Path,
+             model_out: Path, resume: bool = False) -> dict:
+    controller = Controller(cfg, data_dir, stage1_dir, model_path, out_dir, model_out)
+    try:
+        return controller.run(resume=resume)
+    finally:
+        for actor in [controller.learner, *controller.actors]:
+            controller.ray.kill(actor)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="pipeline YAML (defaults: mllmrec_ray.config)")
+    p.add_argument("--run-dir", type=Path, help="run directory (default runs/<config name>)")
+    p.add_argument("--data", type=Path, help="prepared data dir (default RUN_DIR/data)")
+    p.add_argument("--model", help="starting policy, normally the SFT model (default RUN_DIR/models/sft)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--rollout-actors", type=int)
+    p.add_argument("--group-size", type=int)
+    p.add_argument("--prompts-per-step", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/grpo/checkpoints/latest")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. grpo.beta=0.1")
+
+
+def main(args: argparse.Namespace) -> int:
+    import ray
+
+    from mllmrec_ray.models import resolve_model
+
+    cfg = load_config(args.config, args.set) if args.config else PipelineConfig()
+    for flag, key in [("steps", "steps"), ("rollout_actors", "rollout_actors"), ("group_size", "group_size"),
+                      ("prompts_per_step", "prompts_per_step")]:
+        if getattr(args, flag) is not None:
+            setattr(cfg.grpo, key, getattr(args, flag))
+    run_dir = args.run_dir or cfg.run_dir
+    data_dir = args.data or run_dir / "data"
+    model = args.model or str(run_dir / "models" / "sft")
+    if not (data_dir / "samples.parquet").exists():
+        print(f"error: {data_dir}/samples.parquet not found; run `mllmrec data prepare --out {data_dir}` first")
+        return 2
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=None if os.environ.get("RAY_ADDRESS") else
+                 (cfg.ray_num_cpus or 8), include_dashboard=False, log_to_driver=True)
+    summary = run_grpo(cfg, data_dir, run_dir / "stage1", resolve_model(model), run_dir / "grpo",
+                       run_dir / "models" / "grpo", resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "first"}))
+    return 0
