@@ -1,0 +1,171 @@
+"""The LoRA policy: building it, per-token log-probs, merged weights for vLLM, saving, DeepSpeed engine.
+
+One model serves as both policy and reference: the reference is the same module with the
+adapter disabled (`with model.disable_adapter():`), so no second copy of the base is held.
+No Ray here; DeepSpeed is imported only by `deepspeed_engine`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+# Written last into a merged model dir: its presence means the directory is complete.
+MERGED_MARKER = "mllmrec_complete.json"
+# Shared JIT cache so DeepSpeed's comm op (about 75 s to build) compiles once for tests and jobs.
+TORCH_EXTENSIONS_DIR = Path.home() / ".cache" / "mllmrec" / "torch_extensions"
+
+
+def build_policy(model_path: str, lora, dtype: torch.dtype = torch.float32):
+    """A peft LoRA model over the HF causal LM at `model_path`; `lora` is our config.LoraConfig."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    base.config.use_cache = False  # training never reuses a KV cache
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, peft_cfg)
+
+
+def load_tokenizer(model_path: str):
+    """The model's tokenizer with a pad token (eos when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def pad_batch(prompt_ids_list, response_ids_list, pad_id: int):
+    """Right-padded prompt+response rows.
+
+    Returns input_ids [N, T], attention_mask [N, T] and response_mask [N, T-1]: the mask is
+    aligned with `token_logprobs` output, whose column j is the log-prob of input token j+1,
+    so it is 1 exactly where a response token is predicted.
+    """
+    if len(prompt_ids_list) != len(response_ids_list):
+        raise ValueError(f"{len(prompt_ids_list)} prompts but {len(response_ids_list)} responses")
+    rows = [list(p) + list(r) for p, r in zip(prompt_ids_list, response_ids_list)]
+    width = max(max(len(r) for r in rows), 2)  # at least one predicted position
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    response_mask = torch.zeros((n, width - 1), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids_list, response_ids_list)):
+        if len(p) == 0:
+            raise ValueError(f"row {i}: empty prompt (the first response token needs a context)")
+        input_ids[i, : len(p) + len(r)] = torch.tensor(rows[i], dtype=torch.long)
+        attention_mask[i, : len(p) + len(r)] = 1
+        response_mask[i, len(p) - 1 : len(p) - 1 + len(r)] = 1
+    return input_ids, attention_mask, response_mask
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N, T-1] float32 log-prob of each next token (column j scores input token j+1)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    # gather - logsumexp is log_softmax at the target without keeping a second [N, T, V] tensor.
+    return (torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+
+
+def merged_lora_state(peft_model, full: bool = False) -> dict[str, torch.Tensor]:
+    """Merged weights W + scale * B @ A of every LoRA target, under the base model's HF names.
+
+    Does not touch the model (no merge/unmerge). `full=False` returns only the LoRA targets
+    (what training changes); `full=True` adds every other base tensor (tied `lm_head.weight`
+    included, as vLLM's loader wants it), i.e. a complete HF state dict of the merged model.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    def base_name(peft_name: str) -> str:
+        return peft_name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        if full:
+            for name, t in peft_model.state_dict().items():
+                if "lora_" not in name:
+                    out[base_name(name)] = t.detach()
+        for name, module in peft_model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            w = module.get_base_layer().weight
+            merged = w.detach().float()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    merged = merged + module.get_delta_weight(adapter).float()
+            out[base_name(name) + ".weight"] = merged.to(w.dtype)
+    return out
+
+
+def save_merged(peft_model, tokenizer, out_dir, info: dict | None = None) -> Path:
+    """Write `out_dir` as a plain HF model (merged weights) + `adapter/` + tokenizer, atomically.
+
+    Everything goes to a temp dir beside `out_dir`, the marker file last, then one rename
+    swaps it in; the training model is left untouched. Returns the output path.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    base = peft_model.get_base_model()
+    state = {k: v.contiguous() for k, v in merged_lora_state(peft_model, full=True).items()}
+    base.config.use_cache = True  # an inference model; training turned the cache off
+    try:
+        base.save_pretrained(tmp, state_dict=state)
+    finally:
+        base.config.use_cache = False
+    peft_model.save_pretrained(tmp / "adapter")
+    tokenizer.save_pretrained(tmp)
+    marker = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})}
+    (tmp / MERGED_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True, default=str) + "\n")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def is_complete(model_dir) -> bool:
+    """True when `model_dir` holds a merged model whose save finished (the marker exists)."""
+    return (Path(model_dir) / MERGED_MARKER).is_file()
+
+
+def deepspeed_engine(model, *, zero_stage: int, bf16: bool, lr: float, micro_batch_size: int,
+                     grad_accum: int, grad_clip: float = 1.0):
+    """A DeepSpeed engine over the trainable (LoRA) parameters of `model`.
+
+    torch.distributed must be set up already (Ray Train does it) or the env vars of a
+    single-rank world (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) must be set.
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS_DIR))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        # torch_adam: DeepSpeed's fused CPU Adam would need another compiled op.
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        "gradient_clipping": grad_clip,
+        "steps_per_print": 10**9,  # we print our own progress lines
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    return engine

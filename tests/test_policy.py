@@ -1,0 +1,90 @@
+import copy
+
+import pytest
+import torch
+
+from mllmrec_ray.config import LoraConfig
+from mllmrec_ray.policy import build_policy, is_complete, load_tokenizer, merged_lora_state, pad_batch, save_merged, token_logprobs
+from tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def tiny(request, tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp(request.param), request.param))
+
+
+def _randomise_lora_b(model, seed=1):
+    # peft initialises B to zero (merged == base); random B makes the merge non-trivial.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_pad_batch_aligns_response_positions():
+    ids, attn, rmask = pad_batch([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 9, 10], [8, 11, 12, 13, 0]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert rmask.shape == (2, 4)
+    # Column j of the log-probs scores token j+1: the masked columns' targets are the responses.
+    targets = ids[:, 1:]
+    assert targets[0][rmask[0].bool()].tolist() == [9, 10]
+    assert targets[1][rmask[1].bool()].tolist() == [11, 12, 13]
+
+
+def test_token_logprobs_match_manual_gather(tiny):
+    model = build_policy(tiny, LoraConfig(dropout=0.0)).eval()
+    ids, attn, rmask = pad_batch([[3, 4, 5, 6], [7, 8]], [[9, 10], [11, 12, 13]], pad_id=0)
+    got = token_logprobs(model, ids, attn)
+    assert got.shape == (2, ids.shape[1] - 1)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits.float(), -1)
+    for i in range(2):
+        for j in range(ids.shape[1] - 1):
+            if attn[i, j + 1]:
+                assert torch.allclose(got[i, j], logp[i, j, ids[i, j + 1]], atol=1e-5)
+    # Right padding never changes the real tokens' log-probs: row 1 alone gives the same numbers.
+    ids1, attn1, rmask1 = pad_batch([[7, 8]], [[11, 12, 13]], pad_id=0)
+    alone = token_logprobs(model, ids1, attn1)
+    assert torch.allclose(alone[0][rmask1[0].bool()], got[1][rmask[1].bool()], atol=1e-5)
+
+
+def test_merged_lora_state_equals_merge_and_unload(tiny):
+    model = build_policy(tiny, LoraConfig(r=4, alpha=8, dropout=0.0))
+    _randomise_lora_b(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    changed = merged_lora_state(model)
+    full = merged_lora_state(model, full=True)
+    # Not mutated: every tensor of the training model is unchanged and LoRA is still active.
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    reference = copy.deepcopy(model).merge_and_unload().state_dict()
+    targets = {k for k in reference if k.rsplit(".", 2)[-2] in LoraConfig().target_modules}
+    assert set(changed) == targets and len(targets) == 2 * 7  # 2 layers x 7 projections
+    for k in targets:
+        assert torch.allclose(changed[k], reference[k], atol=1e-6), k
+        assert not torch.equal(changed[k], before[f"base_model.model.{k[:-len('.weight')]}.base_layer.weight"])
+    assert set(full) == set(reference)  # base names only, lm_head (tied) included
+    assert not any(".base_layer" in k or "lora_" in k or k.startswith("base_model") for k in full)
+    for k in reference:
+        assert torch.allclose(full[k], reference[k], atol=1e-6), k
+
+
+def test_save_merged_writes_a_loadable_model(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = build_policy(tiny, LoraConfig(r=4, alpha=8, dropout=0.0)).eval()
+    _randomise_lora_b(model, seed=2)
+    out = tmp_path / "merged"
+    (out).mkdir()
+    (out / "stale.txt").write_text("an older save is replaced whole")
+    save_merged(model, load_tokenizer(tiny), out)
+    assert is_complete(out) and not (out / "stale.txt").exists()
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temp dirs left behind
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids, attn, _ = pad_batch([[3, 4, 5]], [[6, 7]], pad_id=0)
+    with torch.no_grad():
+        assert torch.allclose(token_logprobs(loaded, ids, attn), token_logprobs(model, ids, attn), atol=1e-5)
