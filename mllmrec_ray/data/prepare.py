@@ -70,9 +70,12 @@ def prepare_dataset(out_dir, *, dataset: str | None = None, fmt: str | None = No
         images = Path(images).resolve()
         items, unmatched_images = attach_images(items, images)
 
-    samples, stats = build_samples(items, interactions, min_inter=min_inter, negatives=negatives,
-                                   negatives_large=negatives_large, seed=seed, split=tuple(split),
-                                   tie_break=tie_break)
+    try:
+        samples, stats = build_samples(items, interactions, min_inter=min_inter, negatives=negatives,
+                                       negatives_large=negatives_large, seed=seed, split=tuple(split),
+                                       tie_break=tie_break)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None  # the protocol knows no file names: say which data
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def build_samples(items: pd.DataFrame, interactions: pd.DataFrame, *, min_inter:
     kept = [u for u in users if len(by_user[u]) >= min_inter]
     if not kept:
         raise DataError(f"field 'user_id': none of the {len(users)} users has >= {min_inter} distinct items "
-                        f"(most has {max(map(len, by_user.values()))})")
+                        f"(the most any user has is {max(map(len, by_user.values()))})")
 
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
     order = streams[0].permutation(len(kept))
