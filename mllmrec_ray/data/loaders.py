@@ -72,7 +72,7 @@ def _read_rows(path, sep: str, encoding: str, header: bool, n_fields: int | None
     names, rows, lines = None, [], []
     try:
         for line, fields in numbered:
-            if not any(f.strip() for f in fields):
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
                 continue  # blank line (typically the last one)
             if header and names is None:
                 names = [f.strip() for f in fields]
@@ -112,14 +112,15 @@ def _column(path, names: list[str], rows, wanted: str | tuple[str, ...], require
 def _timestamps(path, values, lines, field) -> np.ndarray:
     """Unix-time numbers (floats are floored) or ISO-8601 dates -> int64 seconds."""
     s = pd.Series(values, dtype=object).str.strip()
-    num = pd.to_numeric(s, errors="coerce")
-    if num.notna().all():
-        return np.floor(num.to_numpy(dtype=np.float64)).astype(np.int64)
+    num = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64)
+    is_num = np.isfinite(num)  # "nan" and "inf" parse as numbers but are no times
+    if is_num.all():
+        return np.floor(num).astype(np.int64)
     dates = pd.to_datetime(s, format="ISO8601", utc=True, errors="coerce")
     if dates.notna().all():
         return ((dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
-    neither = (num.isna() & dates.isna()).to_numpy()
-    bad = int(np.flatnonzero(neither if neither.any() else num.isna().to_numpy())[0])  # else: mixed kinds
+    neither = ~is_num & dates.isna().to_numpy()
+    bad = int(np.flatnonzero(neither if neither.any() else ~is_num)[0])  # else: numbers and dates mixed
     raise DataError(f"{_where(path, lines[bad], field)}: timestamp {values[bad]!r} is not a number or an ISO date")
 
 

@@ -67,13 +67,21 @@ def build_samples(items: pd.DataFrame, interactions: pd.DataFrame, *, min_inter:
 
     catalogue = items["item_id"].tolist()
     index = {item: i for i, item in enumerate(catalogue)}
-    by_user = {u: g["item_id"].map(index).to_numpy() for u, g in log.groupby("user_id", sort=False)}
+    # log is sorted by user: cut its item indices where the user changes
+    item_idx = log["item_id"].map(index)
+    if item_idx.isna().any():
+        raise DataError(f"field 'item_id': interaction item {log['item_id'][item_idx.isna()].iloc[0]!r} "
+                        "is not in the items table")
+    item_idx = item_idx.to_numpy(dtype=np.int64)
+    user_col = log["user_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, user_col[1:] != user_col[:-1]])
+    by_user = dict(zip(user_col[starts].tolist(), np.split(item_idx, starts[1:])))
     # numeric ids in numeric order ("2" < "10"), other ids after them as text
     users = sorted(by_user, key=lambda u: (0, int(u), u) if u.isdigit() else (1, 0, u))
     kept = [u for u in users if len(by_user[u]) >= min_inter]
     if not kept:
         raise DataError(f"field 'user_id': none of the {len(users)} users has >= {min_inter} distinct items "
-                        f"(the most any user has is {max(map(len, by_user.values()))})")
+                        f"(the most any user has is {max(map(len, by_user.values()), default=0)})")
 
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
     order = streams[0].permutation(len(kept))
