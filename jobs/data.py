@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--negatives", type=int, default=9)
     p.add_argument("--negatives-large", type=int, default=99, help="0 = no 100-candidate lists")
     p.add_argument("--split", default="0.7,0.1,0.2", help="train,valid,test fractions over users")
-    p.add_argument("--tie-break", choices=["file", "item"], default="file",
-                   help="order of interactions with equal timestamps: file row order or item id")
+    p.add_argument("--tie-break", choices=["file", "item"], default="item",
+                   help="order of interactions with equal timestamps: item id (default: the same samples "
+                        "whatever the source's row order) or file row order")
     p.add_argument("--cache-dir", help="where ml-100k is fetched to (see data fetch)")
     parser.set_defaults(_data_parser=parser)
 

@@ -37,7 +37,8 @@ def test_split_sizes():
 def test_invariants():
     items, inter = make_tables()
     min_inter = 10
-    samples, stats = build_samples(items, inter, min_inter=min_inter, negatives=9, negatives_large=99, seed=3)
+    samples, stats = build_samples(items, inter, min_inter=min_inter, negatives=9, negatives_large=99, seed=3,
+                                   tie_break="file")
     touched = inter.groupby("user_id")["item_id"].agg(set).to_dict()
     counts = inter.groupby("user_id").size()
     assert stats["users"] == 60
@@ -73,15 +74,20 @@ def test_deterministic_per_seed():
     assert d["candidates"].tolist() == a["candidates"].tolist() and d["candidates_100"].isna().all()
 
 
-def test_equal_timestamps_keep_file_order():
+def test_equal_timestamps_tie_break():
     items = pd.DataFrame({"item_id": [str(i) for i in range(1, 31)]})
     # user 1: items 3, 1, 2 at the same second after two earlier ones; file order decides
     inter = pd.DataFrame({"user_id": ["1"] * 5, "item_id": ["9", "3", "1", "2", "8"],
                           "timestamp": [5, 7, 7, 7, 4]})
-    s, _ = build_samples(items, inter, min_inter=5, seed=0, negatives_large=0)
+    s, _ = build_samples(items, inter, min_inter=5, seed=0, negatives_large=0, tie_break="file")
     assert s["history"][0] == ["8", "9", "3", "1"] and s["target"][0] == "2"
     s, _ = build_samples(items, inter, min_inter=5, seed=0, negatives_large=0, tie_break="item")
     assert s["history"][0] == ["8", "9", "1", "2"] and s["target"][0] == "3"
+    # the default orders ties by item id, so a reordered file gives the same sample
+    shuffled = inter.iloc[[4, 3, 2, 1, 0]].reset_index(drop=True)
+    for frame in (inter, shuffled):
+        s, _ = build_samples(items, frame, min_inter=5, seed=0, negatives_large=0)
+        assert s["history"][0] == ["8", "9", "1", "2"] and s["target"][0] == "3"
 
 
 def test_repeated_items_counted_not_targets():

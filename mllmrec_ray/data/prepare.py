@@ -49,7 +49,7 @@ class PreparedData:
 
 def prepare_dataset(out_dir, *, dataset: str | None = None, fmt: str | None = None, path=None,
                     columns: dict[str, str] | None = None, images=None, seed: int = 0, min_inter: int = 10,
-                    negatives: int = 9, negatives_large: int = 99, split=(0.7, 0.1, 0.2), tie_break: str = "file",
+                    negatives: int = 9, negatives_large: int = 99, split=(0.7, 0.1, 0.2), tie_break: str = "item",
                     cache_dir=None, name: str | None = None, verbose: bool = True) -> dict:
     """Write items/interactions/samples parquet + manifest.json into out_dir; returns the manifest.
 
