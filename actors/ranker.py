@@ -1,0 +1,194 @@
+"""The trained ranker on Ray Serve: retrieval (Popularity or SASRec) then LLM re-ranking.
+
+`POST /recommend` `{"history": [ids], "candidates": [ids] (optional), "k": int, "explain": bool}`
+-> `{"items": [{"rank", "item_id", "title", "score"}], "retrieval": "pop"|"sasrec"|"given",
+"reasoning": str (when explain)}`. Without candidates the retrieval stage proposes the
+`serve.retrieval_top_n` best items not in the history; the LLM then ranks them by the
+log-likelihood of each answer `[ITEM_<id>] <title>` given the prompt (`HFScorer`: one
+forward over the shared prompt, the answers batched over its key/value cache). With
+`explain`, the model writes its reasoning greedily after the top-ranked answer and `<think>`.
+
+Requests are batched with `@serve.batch` (size and wait from `serve.*`); the model runs in
+a worker thread so `/healthz` stays responsive. Bad requests get a 4xx whose JSON names the
+field (`mllmrec_ray.serve_logic.parse_request`); an unexpected error answers 500 and the
+replica keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from mllmrec_ray.config import PipelineConfig, PromptConfig, ServeConfig
+from mllmrec_ray.prompts import render_prompt
+from mllmrec_ray.serve_logic import (
+    MAX_BODY_BYTES,
+    RequestError,
+    Retriever,
+    answers,
+    cut_reasoning,
+    explain_prefix,
+    fit_retriever,
+    parse_request,
+    prompt_messages,
+    ranked_items,
+)
+
+logger = logging.getLogger("ray.serve")
+APP_NAME = "mllmrec-ranker"
+EXPLAIN_MAX_NEW_TOKENS = 64
+
+app = FastAPI(title="mllmrec ranker")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over `limit` bytes without reading it all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError("body", f"{declared} bytes; at most {limit} are allowed", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError("body", f"more than {limit} bytes; at most {limit} are allowed", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def error_response(e: RequestError) -> JSONResponse:
+    return JSONResponse({"error": str(e), "field": e.field}, status_code=e.status)
+
+
+@serve.deployment(name="Ranker")
+@serve.ingress(app)
+class Ranker:
+    def __init__(self, model: str, data_dir: str, captions: str | None, retriever: Retriever,
+                 serve_cfg: ServeConfig, prompt_cfg: PromptConfig, dtype: str = "bfloat16"):
+        from mllmrec_ray.run_data import load_items
+        from mllmrec_ray.scoring import HFScorer
+
+        self.items = load_items(data_dir, captions if prompt_cfg.with_captions else None)
+        self.scorer = HFScorer(model, dtype=dtype)
+        self.tokenizer = self.scorer.tokenizer
+        self.retriever = retriever
+        self.cfg = serve_cfg
+        self.prompt = prompt_cfg
+        self.model_name = Path(model).name
+        self.rank_batch.set_max_batch_size(serve_cfg.max_batch_size)
+        self.rank_batch.set_batch_wait_timeout_s(serve_cfg.batch_wait_timeout_s)
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.model_name, "items": len(self.items),
+                "retrieval": self.retriever.name, "replica": serve.get_replica_context().replica_id.unique_id}
+
+    @app.post("/recommend")
+    async def recommend(self, request: Request):
+        try:
+            body = await read_body(request, MAX_BODY_BYTES)
+            req = parse_request(body, self.items, self.cfg.max_history, self.cfg.retrieval_top_n)
+        except RequestError as e:
+            return error_response(e)
+        try:
+            return await self.rank_batch(req)
+        except Exception as e:  # never let one request take the replica down
+            logger.exception("ranking failed")
+            return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"[:500]}, status_code=500)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def rank_batch(self, reqs: list) -> list[dict]:
+        return await asyncio.to_thread(self._rank, reqs)
+
+    def _rank(self, reqs: list) -> list[dict]:
+        """Retrieve (where no candidates were given), score every candidate, explain on request."""
+        need = [r for r in reqs if r.candidates is None]
+        retrieved = iter(self.retriever.top_n([r.history for r in need], self.cfg.retrieval_top_n) if need else [])
+        pools = [r.candidates if r.candidates is not None else next(retrieved) for r in reqs]
+        prompt_ids = []
+        for r, pool in zip(reqs, pools):
+            messages = prompt_messages(r.history, pool, self.items, self.prompt.with_captions, self.prompt.think_first)
+            prompt_ids.append(self._encode(render_prompt(self.tokenizer, messages)))
+        answer_ids = [[self._encode(a) for a in answers(pool, self.items)] for pool in pools]
+        scores = self.scorer.score(prompt_ids, answer_ids)
+        logger.info("ranked a batch of %d request(s), %d candidates", len(reqs), sum(map(len, pools)))
+        out = []
+        for r, pool, ids, s in zip(reqs, pools, prompt_ids, scores):
+            ranked = ranked_items(pool, s, self.items, r.k)
+            result = {"items": ranked, "retrieval": self.retriever.name if r.candidates is None else "given"}
+            if r.explain:
+                result["reasoning"] = self._explain(ids, ranked[0]["item_id"])
+            out.append(result)
+        return out
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _explain(self, prompt_ids: list[int], top_item: str) -> str:
+        torch = self.scorer.torch
+        ids = prompt_ids + self._encode(explain_prefix(top_item, self.items, self.prompt.think_first))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with torch.inference_mode():
+            out = self.scorer.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                             max_new_tokens=EXPLAIN_MAX_NEW_TOKENS, do_sample=False,
+                                             pad_token_id=pad)
+        return cut_reasoning(self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+
+
+def deployment_options(cfg: ServeConfig) -> dict:
+    """Replicas (fixed, or autoscaling between `replicas` and `max_replicas`) and per-replica resources.
+
+    `serve.max_replicas`, `serve.target_ongoing_requests` and `serve.resources` are read when the
+    config carries them; otherwise the deployment runs `serve.replicas` replicas of 1 CPU each.
+    """
+    resources = getattr(cfg, "resources", None)
+    opts = {
+        "max_ongoing_requests": 2 * cfg.max_batch_size,  # room to fill a batch while one runs
+        "ray_actor_options": {"num_cpus": resources.num_cpus if resources else 1.0,
+                              "num_gpus": resources.num_gpus if resources else 0.0},
+    }
+    max_replicas = getattr(cfg, "max_replicas", cfg.replicas)
+    if max_replicas > cfg.replicas:
+        opts["autoscaling_config"] = {"min_replicas": cfg.replicas, "max_replicas": max_replicas,
+                                      "target_ongoing_requests": getattr(cfg, "target_ongoing_requests",
+                                                                         cfg.max_batch_size)}
+    else:
+        opts["num_replicas"] = cfg.replicas
+    return opts
+
+
+def default_captions(data_dir: str | Path) -> Path | None:
+    """Stage I captions of the run the data dir belongs to (`<run>/stage1/captions.parquet`)."""
+    path = Path(data_dir).resolve().parent / "stage1" / "captions.parquet"
+    return path if path.exists() else None
+
+
+def build_app(cfg: PipelineConfig, model: str, data_dir: str | Path, captions: str | Path | None = None):
+    """The Serve application: fits the retrieval stage here, once, and ships it to every replica."""
+    from mllmrec_ray.models import resolve_model
+
+    data_dir = Path(data_dir).resolve()
+    for name in ("items.parquet", "interactions.parquet", "samples.parquet"):
+        if not (data_dir / name).exists():
+            raise FileNotFoundError(f"--data {data_dir}: {name} is missing (run `mllmrec data prepare` first)")
+    captions = captions if captions is not None else default_captions(data_dir)
+    retriever = fit_retriever(cfg.serve.retrieval, data_dir, seed=cfg.data.seed)
+    return Ranker.options(**deployment_options(cfg.serve)).bind(
+        resolve_model(str(model)), str(data_dir), None if captions is None else str(captions), retriever,
+        cfg.serve, cfg.prompt, cfg.model.engine.dtype)
+
+
+def app_builder(args: dict):
+    """Entry point for Serve config files (KubeRay RayService `import_path: actors.ranker:app_builder`).
+
+    args: `model` (path or cache alias), `data` (prepared data dir), optional `config` (pipeline YAML)
+    and `captions`.
+    """
+    from mllmrec_ray.config import load_config
+
+    cfg = load_config(args["config"]) if args.get("config") else PipelineConfig()
+    return build_app(cfg, args["model"], args["data"], args.get("captions"))
