@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=200,
                         help="SASRec max epochs (early stopping on valid usually ends sooner)")
     parser.add_argument("--max-seconds", type=float, default=170.0,
-                        help="SASRec training time budget in seconds")
+                        help="SASRec training time budget in seconds (0 = none); the record's "
+                             "stopped_by says whether it cut training short")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -55,7 +55,6 @@ def test_sasrec_learns_deterministic_transitions():
     _, th, tc, tt = _cycle_data(100, seed=2)
     hr1 = per_sample(ranker.rank(th, tc), tt, (1,))["HR@1"].mean()
     assert hr1 > 0.8, hr1  # random ranking gives 0.1
-    assert ranker.info["train_seconds"] < 25
 
 
 def test_sasrec_is_deterministic_with_a_seed():

@@ -107,8 +107,10 @@ def fit_sasrec(
     """Train SASRec on chronological item-id sequences.
 
     `valid` = (histories, candidate lists, targets): early stopping on its NDCG@5
-    with `patience` epochs; without it the last epoch is kept. `max_seconds` stops
-    training after the epoch that crosses the time budget.
+    with `patience` epochs; without it the last epoch is kept. `max_seconds` (None
+    or 0 = no limit) stops training after the epoch that crosses the time budget;
+    that makes the result depend on machine speed, so `info["stopped_by"]` says
+    which of "epochs", "patience" or "time" ended training.
     """
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -131,9 +133,10 @@ def fit_sasrec(
         labels[row, :len(w) - 1] = torch.tensor(w[1:])
 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=0)
+    loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(seed)
     best_score, best_state, best_epoch, bad = -math.inf, None, 0, 0
+    stopped_by = "epochs"
     t0 = time.perf_counter()
     epoch = 0
     for epoch in range(1, epochs + 1):
@@ -141,8 +144,9 @@ def fit_sasrec(
         total, count = 0.0, 0
         for batch in torch.randperm(len(windows), generator=generator).split(batch_size):
             x, y = inputs[batch], labels[batch]
-            logits = model(x) @ model.item_emb.weight.T
-            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            # Scoring all items is the costly part: do it only at labelled positions.
+            labelled = y > 0
+            loss = loss_fn(model(x)[labelled] @ model.item_emb.weight.T, y[labelled])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -162,15 +166,17 @@ def fit_sasrec(
         if log:
             log(f"{line} ({elapsed:.1f}s)")
         if valid is not None and bad >= patience:
+            stopped_by = "patience"
             break
-        if max_seconds is not None and elapsed >= max_seconds:
+        if max_seconds and elapsed >= max_seconds and epoch < epochs:
+            stopped_by = "time"
             break
     if best_state is not None:
         model.load_state_dict(best_state)
     else:
         best_epoch = epoch
     model.eval()
-    ranker.info = {"epochs_run": epoch, "best_epoch": best_epoch,
+    ranker.info = {"epochs_run": epoch, "best_epoch": best_epoch, "stopped_by": stopped_by,
                    "best_valid_NDCG@5": None if valid is None else best_score,
                    "train_seconds": round(time.perf_counter() - t0, 2),
                    "train_windows": len(windows)}
