@@ -1,0 +1,280 @@
+"""Ray Data callables for Stage I text generation (pseudo-CoT, refinement, judge).
+
+Rows arrive with `key` and `messages` (chat messages as JSON, built by the job from
+`mllmrec_ray.cot_prompts`, i.e. from the history only) and leave with the generated
+`text`. The callables never see a target: sanitising and storing happen in
+`store_generations`, a separate step that gets the targets from the job.
+
+- `LocalGenerator`: one vLLM engine per actor (`mllmrec_ray.engine.Engine`), any local
+  model; text prompts go through the model's chat template, prompts with image parts
+  through vLLM's multimodal chat input.
+- `OpenAIGenerator`: an OpenAI-compatible `/chat/completions` endpoint (e.g. DeepSeek-R1)
+  with retries (429, 5xx, connection errors; `Retry-After` honoured), a minimum interval
+  between requests, a few requests in flight, and an on-disk response cache.
+- `judge=True`: replies are parsed with the Appendix D parser; an invalid reply is asked
+  again up to `judge_retries` times, then recorded as invalid (never repaired).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _judge_fields(text: str | None, attempts: int) -> dict:
+    from mllmrec_ray.cot_prompts import parse_judge
+
+    parsed = parse_judge(text)
+    return {"valid": parsed is not None, "scores": json.dumps(parsed) if parsed else None, "attempts": attempts}
+
+
+class LocalGenerator:
+    """`map_batches` callable: messages -> text with a local vLLM engine.
+
+    model: local dir or cache alias; engine: `EngineConfig` fields; sampling: temperature,
+    top_p, max_tokens. json_schema: constrain the output (vLLM structured outputs), used
+    for the judge.
+    """
+
+    def __init__(self, model: str, engine: dict | None = None, sampling: dict | None = None,
+                 judge: bool = False, judge_retries: int = 2, json_schema: dict | None = None,
+                 max_images: int = 0):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from mllmrec_ray.config import EngineConfig
+        from mllmrec_ray.engine import Engine
+        from mllmrec_ray.models import resolve_model
+
+        extra = {"limit_mm_per_prompt": {"image": max_images}} if max_images else {}
+        self.engine = Engine(resolve_model(model), EngineConfig(**(engine or {})), **extra)
+        self.sampling = dict(temperature=0.7, top_p=0.9, max_tokens=256, **(sampling or {}))
+        self.judge, self.judge_retries, self.json_schema = judge, judge_retries, json_schema
+        self.calls = 0  # engine requests made by this actor
+
+    def _params(self):
+        from vllm import SamplingParams
+
+        kwargs = dict(self.sampling)
+        if self.json_schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kwargs["structured_outputs"] = StructuredOutputsParams(json=self.json_schema)
+        return SamplingParams(**kwargs)
+
+    def _run(self, conversations: list[list[dict]]) -> list[tuple[str, str | None, int]]:
+        """(text, finish_reason, completion tokens) per conversation, in order."""
+        from mllmrec_ray.prompts import render_prompt
+
+        self.calls += len(conversations)
+        params = self._params()
+        if any(isinstance(m["content"], list) for conv in conversations for m in conv):
+            outs = self.engine.llm.chat([_with_images(c) for c in conversations], params, use_tqdm=False)
+        else:
+            from vllm.inputs import TokensPrompt
+
+            prompts = [TokensPrompt(prompt_token_ids=self.engine.encode(render_prompt(self.engine.tokenizer, c)))
+                       for c in conversations]
+            outs = self.engine.llm.generate(prompts, params, use_tqdm=False)
+        return [(o.outputs[0].text, o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in outs]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        conversations = [json.loads(m) for m in batch["messages"]]
+        results = self._run(conversations)
+        out = _passthrough(batch)
+        out.update({"text": [r[0] for r in results], "finish_reason": [r[1] for r in results],
+                    "completion_tokens": [r[2] for r in results]})
+        if self.judge:
+            attempts = [1] * len(results)
+            for _ in range(self.judge_retries):
+                bad = [i for i, r in enumerate(results) if not _judge_fields(r[0], 1)["valid"]]
+                if not bad:
+                    break
+                again = self._run([conversations[i] for i in bad])
+                for i, r in zip(bad, again):
+                    results[i], attempts[i] = r, attempts[i] + 1
+            fields = [_judge_fields(r[0], a) for r, a in zip(results, attempts)]
+            out["text"] = [r[0] for r in results]
+            out.update({k: [f[k] for f in fields] for k in ("valid", "scores", "attempts")})
+        return out
+
+
+def _passthrough(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The batch's columns except the prompt itself (ids and keys travel on)."""
+    return {k: list(v) for k, v in batch.items() if k != "messages"}
+
+
+def _with_images(conversation: list[dict]) -> list[dict]:
+    """Replace `{"type": "image", "image_path": p}` parts by PIL images for vLLM's chat input."""
+    from PIL import Image
+
+    out = []
+    for m in conversation:
+        if isinstance(m["content"], list):
+            parts = []
+            for p in m["content"]:
+                if p["type"] == "image":
+                    parts.append({"type": "image_pil", "image_pil": Image.open(p["image_path"]).convert("RGB")})
+                else:
+                    parts.append(p)
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
+
+
+class RateLimiter:
+    """At most one request start per `min_interval` seconds (thread-safe)."""
+
+    def __init__(self, requests_per_second: float | None):
+        self.min_interval = 1.0 / requests_per_second if requests_per_second else 0.0
+        self.lock = threading.Lock()
+        self.next_time = 0.0
+
+    def wait(self) -> None:
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_time)
+            self.next_time = start + self.min_interval
+        if start > now:
+            time.sleep(start - now)
+
+
+class OpenAIGenerator:
+    """`map_batches` callable: messages -> text through an OpenAI-compatible chat endpoint.
+
+    endpoint: base URL (`http://127.0.0.1:8000/v1`); `/chat/completions` is appended.
+    api_key_env: the environment variable holding the key (sent as a Bearer token when set).
+    cache_dir: responses cached as `<sha256 of request>.json` (shared by actors and reruns).
+    """
+
+    RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+    def __init__(self, endpoint: str, model: str, sampling: dict | None = None, cache_dir: str | None = None,
+                 max_retries: int = 5, backoff_s: float = 1.0, requests_per_second: float | None = 2.0,
+                 max_concurrency: int = 4, timeout_s: float = 300.0, api_key_env: str = "OPENAI_API_KEY",
+                 judge: bool = False, judge_retries: int = 2, json_schema: dict | None = None):
+        import requests
+
+        self.url = endpoint.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.sampling = dict(temperature=0.6, top_p=0.95, max_tokens=1024, **(sampling or {}))
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        if self.cache_dir:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.max_retries, self.backoff_s, self.timeout_s = max_retries, backoff_s, timeout_s
+        self.limiter = RateLimiter(requests_per_second)
+        self.max_concurrency = max_concurrency
+        self.judge, self.judge_retries = judge, judge_retries
+        self.json_schema = json_schema
+        self.session = requests.Session()
+        key = os.environ.get(api_key_env)
+        if key:
+            self.session.headers["Authorization"] = f"Bearer {key}"
+        self.stats = {"requests": 0, "retries": 0, "cache_hits": 0}
+
+    def _body(self, messages: list[dict], attempt: int) -> dict:
+        body = {"model": self.model, "messages": messages, **self.sampling}
+        if self.json_schema is not None:
+            body["response_format"] = {"type": "json_object"}
+        if attempt > 1:  # a judge retry must not come back from the cache
+            body["seed"] = attempt
+        return body
+
+    def complete(self, messages: list[dict], attempt: int = 1) -> tuple[str, str | None, int]:
+        """(text, finish_reason, completion tokens) for one conversation; cached on disk."""
+        from mllmrec_ray.io import atomic_write_json
+        from mllmrec_ray.stage1_store import content_hash
+
+        body = self._body(messages, attempt)
+        path = self.cache_dir / f"{content_hash([self.url, body])}.json" if self.cache_dir else None
+        if path is not None and path.exists():
+            self.stats["cache_hits"] += 1
+            reply = json.loads(path.read_text())
+        else:
+            reply = self._post(body)
+            if path is not None:
+                atomic_write_json(path, reply)
+        choice = reply["choices"][0]
+        text = choice["message"].get("content") or ""
+        return text, choice.get("finish_reason"), int((reply.get("usage") or {}).get("completion_tokens") or 0)
+
+    def _post(self, body: dict) -> dict:
+        import requests
+
+        for attempt in range(self.max_retries + 1):
+            self.limiter.wait()
+            self.stats["requests"] += 1
+            try:
+                r = self.session.post(self.url, json=body, timeout=self.timeout_s)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                error, wait = f"{type(e).__name__}: {e}", None
+            else:
+                if r.status_code == 200:
+                    return r.json()
+                if r.status_code not in self.RETRY_STATUS:
+                    raise RuntimeError(f"{self.url} answered {r.status_code}: {r.text[:300]}")
+                error, wait = f"HTTP {r.status_code}", r.headers.get("Retry-After")
+            if attempt == self.max_retries:
+                raise RuntimeError(f"{self.url}: giving up after {attempt + 1} tries ({error})")
+            self.stats["retries"] += 1
+            try:
+                delay = float(wait) if wait is not None else self.backoff_s * 2 ** attempt
+            except ValueError:
+                delay = self.backoff_s * 2 ** attempt
+            time.sleep(min(delay, 60.0))
+        raise AssertionError("unreachable")
+
+    def _complete_all(self, conversations: list[list[dict]], attempt: int) -> list[tuple[str, str | None, int]]:
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            return list(pool.map(lambda c: self.complete(c, attempt), conversations))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        conversations = [json.loads(m) for m in batch["messages"]]
+        results = self._complete_all(conversations, 1)
+        out = _passthrough(batch)
+        if self.judge:
+            attempts = [1] * len(results)
+            for n in range(2, self.judge_retries + 2):
+                bad = [i for i, r in enumerate(results) if not _judge_fields(r[0], 1)["valid"]]
+                if not bad:
+                    break
+                for i, r in zip(bad, self._complete_all([conversations[i] for i in bad], n)):
+                    results[i], attempts[i] = r, n
+            fields = [_judge_fields(r[0], a) for r, a in zip(results, attempts)]
+            out.update({k: [f[k] for f in fields] for k in ("valid", "scores", "attempts")})
+        out.update({"text": [r[0] for r in results], "finish_reason": [r[1] for r in results],
+                    "completion_tokens": [r[2] for r in results]})
+        return out
+
+
+def store_generations(batch: dict[str, np.ndarray], store_root: str, targets: dict | None = None,
+                      constants: dict | None = None) -> dict[str, Any]:
+    """Sanitise generated CoTs against their sample's target and persist the batch as one part file.
+
+    targets: sample_id -> (target id, target title, candidate ids); when given, `text` is
+    masked (`mllmrec_ray.parsing.sanitize_cot`), dropped if a mention survives, and stored
+    as `cot` with `n_masks` / `dropped`. The raw text of a CoT is never stored.
+    Returns `{"n": [rows stored]}` so the driver can count finished rows.
+    """
+    import pyarrow as pa
+
+    from mllmrec_ray.cot_prompts import sanitize_generation
+    from mllmrec_ray.stage1_store import PartStore
+
+    rows = {k: list(v) for k, v in batch.items()}
+    n = len(rows["key"])
+    if targets is not None:
+        clean = [sanitize_generation(t, *targets[s]) for t, s in zip(rows.pop("text"), rows["sample_id"])]
+        rows["cot"] = [c[0] for c in clean]
+        rows["n_masks"] = [c[1] for c in clean]
+        rows["dropped"] = [c[2] for c in clean]
+    for k, v in (constants or {}).items():
+        rows[k] = [v] * n
+    table = pa.table({k: [x.item() if isinstance(x, np.generic) else x for x in v] for k, v in rows.items()})
+    PartStore(store_root).write(table)
+    return {"n": [n]}
