@@ -183,3 +183,13 @@ def test_bad_config_or_stage_fails_before_submitting(tmp_path):
     assert r.returncode == 2 and "grpo.stepz" in r.stderr
     r = mllmrec(env, "submit", "jobs", "--address", "http://127.0.0.1:9")
     assert r.returncode == 2 and "allowed stages" in r.stderr
+
+
+def test_pipeline_dry_run_as_a_job(head, tmp_path):
+    """The pipeline entrypoint itself, submitted with the quickstart config and an override."""
+    address, env = head
+    r = mllmrec(env, "submit", "pipeline", "--config", "configs/quickstart.yaml", "--dry-run",
+                "--set", f"runs_dir={tmp_path}", "--address", address)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "prepare" in r.stdout and "report" in r.stdout and "SUCCEEDED" in r.stdout
+    assert (tmp_path / "quickstart" / "config.yaml").exists()  # the job ran in this checkout's directory
