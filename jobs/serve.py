@@ -14,12 +14,14 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="trained model dir (e.g. runs/quickstart/models/grpo) or cache alias")
     p.add_argument("--data", required=True, help="prepared data dir (e.g. runs/quickstart/data)")
-    p.add_argument("--config", help="pipeline YAML: serve.* (replicas, batching, retrieval) and prompt.*")
+    p.add_argument("--config", help="pipeline YAML: serve.* (replicas, batching, retrieval) and prompt.* "
+                                    "(default: the run's <data>/../config.yaml when there is one)")
     p.add_argument("--host", help="HTTP host (default serve.host = 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default serve.port = 8000)")
     p.add_argument("--captions", help="Stage I captions.parquet (default <data>/../stage1/captions.parquet if present)")
@@ -30,8 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from mllmrec_ray.config import ConfigError, PipelineConfig, load_config
 
+    config = args.config
+    run_config = Path(args.data).resolve().parent / "config.yaml"  # what `mllmrec pipeline` ran with
+    if config is None and run_config.exists():
+        config = run_config
+        print(f"[mllmrec serve] using the run's config {run_config} (prompt and serve settings)", flush=True)
     try:
-        cfg = load_config(args.config) if args.config else PipelineConfig()
+        cfg = load_config(config) if config else PipelineConfig()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

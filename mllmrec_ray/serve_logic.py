@@ -160,7 +160,8 @@ class Retriever:
     def top_n(self, histories: Sequence[Sequence[str]], n: int) -> list[list[str]]:
         if self.name == "pop":
             return [top_n_excluding(self.order, h, n) for h in histories]
-        pools = [[i for i in self.item_ids if i not in set(h)] for h in histories]
+        seen = [set(h) for h in histories]
+        pools = [[i for i in self.item_ids if i not in s] for s in seen]
         return [r[:n] for r in self.sasrec.rank([list(h) for h in histories], pools)]
 
 
