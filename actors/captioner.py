@@ -47,7 +47,7 @@ class VLMCaptioner:
         from mllmrec_ray.models import resolve_model
 
         self.engine = Engine(resolve_model(model), EngineConfig(**(engine or {})), limit_mm_per_prompt={"image": 1})
-        self.sampling = dict(temperature=0.0, max_tokens=96, **(sampling or {}))
+        self.sampling = {"temperature": 0.0, "max_tokens": 96, **(sampling or {})}
         self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:

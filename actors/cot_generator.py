@@ -53,7 +53,7 @@ class LocalGenerator:
 
         extra = {"limit_mm_per_prompt": {"image": max_images}} if max_images else {}
         self.engine = Engine(resolve_model(model), EngineConfig(**(engine or {})), **extra)
-        self.sampling = dict(temperature=0.7, top_p=0.9, max_tokens=256, **(sampling or {}))
+        self.sampling = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 256, **(sampling or {})}
         self.judge, self.judge_retries, self.json_schema = judge, judge_retries, json_schema
         self.calls = 0  # engine requests made by this actor
 
@@ -64,24 +64,32 @@ class LocalGenerator:
         if self.json_schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            kwargs["structured_outputs"] = StructuredOutputsParams(json=self.json_schema)
+            kwargs["structured_outputs"] = StructuredOutputsParams(json=self.json_schema, disable_any_whitespace=True)
         return SamplingParams(**kwargs)
 
     def _run(self, conversations: list[list[dict]]) -> list[tuple[str, str | None, int]]:
         """(text, finish_reason, completion tokens) per conversation, in order."""
         from mllmrec_ray.prompts import render_prompt
 
-        self.calls += len(conversations)
         params = self._params()
         if any(isinstance(m["content"], list) for conv in conversations for m in conv):
+            self.calls += len(conversations)
             outs = self.engine.llm.chat([_with_images(c) for c in conversations], params, use_tqdm=False)
-        else:
-            from vllm.inputs import TokensPrompt
+            return [(o.outputs[0].text, o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in outs]
+        from vllm.inputs import TokensPrompt
 
-            prompts = [TokensPrompt(prompt_token_ids=self.engine.encode(render_prompt(self.engine.tokenizer, c)))
-                       for c in conversations]
-            outs = self.engine.llm.generate(prompts, params, use_tqdm=False)
-        return [(o.outputs[0].text, o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in outs]
+        ids = [self.engine.encode(render_prompt(self.engine.tokenizer, c)) for c in conversations]
+        # A prompt that leaves no room for the answer is recorded as such, not sent (vLLM would fail the batch).
+        room = self.engine.config.max_model_len - 16
+        fits = [i for i, x in enumerate(ids) if len(x) <= room]
+        results = [("", "prompt_too_long", 0)] * len(ids)
+        if fits:
+            self.calls += len(fits)
+            outs = self.engine.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in fits], params,
+                                            use_tqdm=False)
+            for i, o in zip(fits, outs):
+                results[i] = (o.outputs[0].text, o.outputs[0].finish_reason, len(o.outputs[0].token_ids))
+        return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         conversations = [json.loads(m) for m in batch["messages"]]
@@ -162,7 +170,7 @@ class OpenAIGenerator:
 
         self.url = endpoint.rstrip("/") + "/chat/completions"
         self.model = model
-        self.sampling = dict(temperature=0.6, top_p=0.95, max_tokens=1024, **(sampling or {}))
+        self.sampling = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 1024, **(sampling or {})}
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if self.cache_dir:
             self.cache_dir.mkdir(parents=True, exist_ok=True)

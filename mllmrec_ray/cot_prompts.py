@@ -210,7 +210,7 @@ JUDGE_SCHEMA = {
         d: {
             "type": "object",
             "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 5},
-                           "evidence": {"type": "string", "minLength": 1, "maxLength": 300}},
+                           "evidence": {"type": "string", "minLength": 1, "maxLength": 240}},
             "required": ["score", "evidence"],
             "additionalProperties": False,
         }

@@ -1,0 +1,299 @@
+"""`mllmrec cot`: pseudo-CoT, refined CoT, sanitising, leakage check and judge audit (paper Eq. 4-5, App. D).
+
+Usage: mllmrec cot --data DIR --stage1 DIR [--config YAML] [--model NAME] [--max-samples N]
+                   [--refiner local|openai] [--refiner-model NAME] [--endpoint URL]
+                   [--judge-samples N] [--pool-size N] [--batch-size N] [--num-cpus X]
+
+For the (capped) training samples: a pseudo-CoT from the history only (titles + cover
+captions, or cover images for a VLM with --with-images), masked against the sample's
+target and candidates; then a refined `Step 1..Step 4` CoT from history titles +
+captions + the masked pseudo-CoT (never the target), masked again. Every generation
+runs on a Ray Data actor pool and is stored per batch under STAGE1/parts/, so a rerun
+only generates what is missing. Writes STAGE1/cot.parquet and STAGE1/audit.json
+(leakage check over every CoT + judge scores on a sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jobs.stage1_common import add_common_arguments
+
+    parser.add_argument("--data", required=True, help="prepared data dir (samples.parquet, items.parquet)")
+    parser.add_argument("--stage1", required=True, help="Stage I dir (captions.parquet in, cot.parquet out)")
+    parser.add_argument("--model", help="pseudo-CoT generator (default: stage1.cot_model, else model.name)")
+    parser.add_argument("--refiner", choices=["local", "openai"], help="default: stage1.refiner")
+    parser.add_argument("--refiner-model", help="default: stage1.refiner_model, else the pseudo-CoT model")
+    parser.add_argument("--endpoint", help="OpenAI-compatible base URL for --refiner openai (e.g. http://HOST/v1)")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var holding the endpoint's key")
+    parser.add_argument("--requests-per-second", type=float, default=2.0, help="endpoint rate limit per actor")
+    parser.add_argument("--max-samples", type=int, help="CoT for at most N training samples (stage1.max_cot_samples)")
+    parser.add_argument("--max-new-tokens", type=int, default=224, help="pseudo-CoT and refined CoT length cap")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max-model-len", type=int, default=2048,
+                        help="engine context for Stage I (at least model.engine.max_model_len); longer prompts "
+                             "are recorded as prompt_too_long")
+    parser.add_argument("--with-images", action="store_true",
+                        help="give the pseudo-CoT model the cover images (it must be a VLM)")
+    parser.add_argument("--judge-samples", type=int, default=8, help="CoTs per source scored by the judge (0: none)")
+    parser.add_argument("--judge-model", help="judge model (default: the refiner model, same backend)")
+    parser.add_argument("--judge-retries", type=int, default=2, help="re-asks for an invalid judge reply")
+    parser.add_argument("--judge-max-new-tokens", type=int, default=512)
+    parser.add_argument("--no-judge-guided", action="store_true",
+                        help="local judge without JSON-schema constrained decoding")
+    add_common_arguments(parser)
+
+
+def _pick(samples: list[dict], n: int | None, seed: int) -> list[dict]:
+    """A seeded subset of n samples (all when n is None or large), in sample_id order."""
+    import numpy as np
+
+    samples = sorted(samples, key=lambda s: s["sample_id"])
+    if n is None or n >= len(samples):
+        return samples
+    idx = np.random.default_rng(seed).choice(len(samples), size=n, replace=False)
+    return [samples[i] for i in sorted(idx)]
+
+
+def leakage_report(cot_rows: list[dict], samples: dict[str, dict], items: dict[str, dict]) -> dict:
+    """Exact-match leakage check over every stored CoT: target id tags / title forms and candidate id tags."""
+    from mllmrec_ray.parsing import mentions_item
+
+    report = {"target_mentions": 0, "candidate_id_mentions": 0, "non_train_samples_with_cot": 0, "texts_checked": 0,
+              "offending": []}
+    for r in cot_rows:
+        s = samples[r["sample_id"]]
+        if s["split"] != "train":
+            report["non_train_samples_with_cot"] += 1
+        target = s["target"]
+        for col in ("pseudo_cot", "refined_cot"):
+            text = r.get(col)
+            if not text:
+                continue
+            report["texts_checked"] += 1
+            if mentions_item(text, target, items[target]["title"]):
+                report["target_mentions"] += 1
+                report["offending"].append([r["sample_id"], col, "target"])
+            cands = [c for c in list(s["candidates"]) + list(s.get("candidates_100") or []) if c != target]
+            if any(mentions_item(text, c, None) for c in cands):
+                report["candidate_id_mentions"] += 1
+                report["offending"].append([r["sample_id"], col, "candidate id"])
+    report["clean"] = not report["offending"] and report["non_train_samples_with_cot"] == 0
+    return report
+
+
+def main(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from actors.cot_generator import LocalGenerator, OpenAIGenerator
+    from jobs.stage1_common import engine_dict, load_cfg, run_pool, start_ray
+    from mllmrec_ray import cot_prompts as P
+    from mllmrec_ray.io import atomic_write_json, atomic_write_parquet
+    from mllmrec_ray.stage1_store import PartStore, content_hash, row_key
+
+    cfg = load_cfg(args)
+    s1 = cfg.stage1
+    data, stage1 = Path(args.data), Path(args.stage1)
+    items = {r["item_id"]: r for r in pq.read_table(data / "items.parquet").to_pylist()}
+    captions_path = stage1 / "captions.parquet"
+    has_captions = False
+    if captions_path.exists():
+        for r in pq.read_table(captions_path, columns=["item_id", "caption"]).to_pylist():
+            if r["item_id"] in items and r["caption"]:
+                items[r["item_id"]]["caption"] = r["caption"]
+                has_captions = True
+    if not has_captions:
+        print(f"[cot] no captions in {captions_path}: CoT prompts use titles only", flush=True)
+    all_samples = {r["sample_id"]: r for r in pq.read_table(data / "samples.parquet").to_pylist()}
+    train = [s for s in all_samples.values() if s["split"] == "train"]
+    cap = args.max_samples if args.max_samples is not None else s1.max_cot_samples
+    samples = _pick(train, cap, cfg.data.seed)
+    # Only the storing step sees these (to mask mentions); no prompt builder or generator gets them.
+    targets = {s["sample_id"]: (s["target"], items[s["target"]].get("title"),
+                                list(s["candidates"]) + list(s.get("candidates_100") or []))
+               for s in samples}
+
+    def history(s: dict, captions: bool) -> list[dict]:
+        return [{"title": items[i].get("title"), "year": items[i].get("year"),
+                 "caption": items[i].get("caption") if captions else None,
+                 "image_path": items[i].get("image_path")} for i in s["history"]]
+
+    gen_model = args.model or s1.cot_model or cfg.model.name
+    refiner = args.refiner or s1.refiner
+    refiner_model = args.refiner_model or s1.refiner_model or (gen_model if refiner == "local" else None)
+    endpoint = args.endpoint or s1.refiner_endpoint
+    if refiner == "openai" and not (endpoint and refiner_model):
+        raise SystemExit("--refiner openai needs --endpoint URL and --refiner-model NAME (or stage1.* in the config)")
+    engine = engine_dict(cfg.model.engine, min_model_len=args.max_model_len)
+    sampling = {"temperature": args.temperature, "top_p": 0.9, "max_tokens": args.max_new_tokens}
+    settings = f"t={args.temperature}|max={args.max_new_tokens}"
+    print(f"[cot] {len(samples)} of {len(train)} training samples; pseudo-CoT by {gen_model}, "
+          f"refiner {refiner}:{refiner_model}; cot_source={s1.cot_source}, "
+          f"refine_with_pseudo_cot={s1.refine_with_pseudo_cot}, refine_with_captions={s1.refine_with_captions}",
+          flush=True)
+    ray_started = False
+    timings = {}
+
+    def generate(step: str, rows: list[dict], fn, fn_kwargs: dict, model: str, version: str,
+                 sanitize: bool = True) -> dict[str, dict]:
+        """Run the missing rows of one step; return key -> stored row for every row finished."""
+        nonlocal ray_started
+        store = PartStore(stage1 / "parts" / step)
+        done = store.finished_keys()
+        todo = [r for r in rows if r["key"] not in done]
+        print(f"[{step}] {len(rows)} rows, {len(rows) - len(todo)} already finished, {len(todo)} to generate",
+              flush=True)
+        if todo and not ray_started:
+            start_ray(cfg, args)
+            ray_started = True
+        timings[step] = run_pool(todo, fn, fn_kwargs, store.root, s1, desc=step,
+                                 targets=targets if sanitize else None,
+                                 constants={"model": model, "prompt_version": version})
+        table = store.select([r["key"] for r in rows])
+        return {r["key"]: r for r in (table.to_pylist() if table is not None else [])}
+
+    def local(model: str, **extra) -> tuple:
+        return LocalGenerator, {"model": model, "engine": engine, "sampling": sampling, **extra}
+
+    def refiner_fn(**extra) -> tuple:
+        if refiner == "local":
+            return local(refiner_model, **extra)
+        return OpenAIGenerator, {"endpoint": endpoint, "model": refiner_model, "cache_dir": str(stage1 / "cache" / "openai"),
+                                 "requests_per_second": args.requests_per_second, "api_key_env": args.api_key_env,
+                                 "sampling": {**sampling, "max_tokens": max(1024, args.max_new_tokens)}, **extra}
+
+    # ---- pseudo-CoT (Eq. 4): history only
+    pseudo: dict[str, dict] = {}
+    if s1.cot_source == "pseudo" or s1.refine_with_pseudo_cot:
+        version = f"{P.PSEUDO_VERSION}|{settings}|images={args.with_images}"
+        rows = []
+        for s in samples:
+            msgs = json.dumps(P.pseudo_cot_messages(history(s, has_captions), with_captions=has_captions,
+                                                    with_images=args.with_images), sort_keys=True)
+            rows.append({"key": row_key("pseudo", s["sample_id"], content_hash(msgs), gen_model, version),
+                         "sample_id": s["sample_id"], "messages": msgs})
+        fn, kw = local(gen_model, max_images=len(samples[0]["history"]) if args.with_images and samples else 0)
+        done = generate("pseudo", rows, fn, kw, gen_model, version)
+        pseudo = {r["sample_id"]: done[r["key"]] for r in rows if r["key"] in done}
+
+    # ---- refinement (Eq. 5): history titles (+ captions) + masked pseudo-CoT, never the target
+    refined: dict[str, dict] = {}
+    if s1.cot_source == "refined":
+        version = f"{P.REFINE_VERSION}|{settings}|{refiner}"
+        rows = []
+        for s in samples:
+            draft = (pseudo.get(s["sample_id"]) or {}).get("cot") if s1.refine_with_pseudo_cot else None
+            if s1.refine_with_pseudo_cot and not draft:
+                continue  # pseudo-CoT empty or dropped: nothing to refine
+            with_caps = has_captions and s1.refine_with_captions
+            msgs = json.dumps(P.refine_messages(history(s, with_caps), draft, with_captions=with_caps), sort_keys=True)
+            rows.append({"key": row_key("refined", s["sample_id"], content_hash(msgs), refiner_model, version),
+                         "sample_id": s["sample_id"], "messages": msgs})
+        fn, kw = refiner_fn()
+        done = generate("refined", rows, fn, kw, refiner_model, version)
+        refined = {r["sample_id"]: done[r["key"]] for r in rows if r["key"] in done}
+
+    # ---- cot.parquet, joined by sample_id
+    def col(d: dict, sid: str, name: str):
+        return (d.get(sid) or {}).get(name)
+
+    sids = [s["sample_id"] for s in samples]
+    profiles = [P.step4_profile(col(refined, sid, "cot") if s1.cot_source == "refined" else col(pseudo, sid, "cot"))
+                for sid in sids]
+    table = pa.table({
+        "sample_id": pa.array(sids, pa.string()),
+        "pseudo_cot": pa.array([col(pseudo, sid, "cot") for sid in sids], pa.string()),
+        "refined_cot": pa.array([col(refined, sid, "cot") for sid in sids], pa.string()),
+        "pseudo_masks": pa.array([col(pseudo, sid, "n_masks") or 0 for sid in sids], pa.int32()),
+        "refined_masks": pa.array([col(refined, sid, "n_masks") or 0 for sid in sids], pa.int32()),
+        "pseudo_dropped": pa.array([bool(col(pseudo, sid, "dropped")) for sid in sids], pa.bool_()),
+        "refined_dropped": pa.array([bool(col(refined, sid, "dropped")) for sid in sids], pa.bool_()),
+        "pseudo_tokens": pa.array([col(pseudo, sid, "completion_tokens") for sid in sids], pa.int32()),
+        "refined_tokens": pa.array([col(refined, sid, "completion_tokens") for sid in sids], pa.int32()),
+        "step4_profile": pa.array(profiles, pa.string()),
+        "cot_model": pa.array([gen_model if sid in pseudo else None for sid in sids], pa.string()),
+        "refiner_model": pa.array([f"{refiner}:{refiner_model}" if sid in refined else None for sid in sids],
+                                  pa.string()),
+    })
+    cot_rows = table.to_pylist()
+    leakage = leakage_report(cot_rows, all_samples, items)
+    leakage.update({
+        "samples": len(sids),
+        "pseudo_cots": sum(r["pseudo_cot"] is not None for r in cot_rows),
+        "refined_cots": sum(r["refined_cot"] is not None for r in cot_rows),
+        "pseudo_masks_total": sum(r["pseudo_masks"] for r in cot_rows),
+        "refined_masks_total": sum(r["refined_masks"] for r in cot_rows),
+        "pseudo_samples_masked": sum(r["pseudo_masks"] > 0 for r in cot_rows),
+        "refined_samples_masked": sum(r["refined_masks"] > 0 for r in cot_rows),
+        "pseudo_dropped": sum(r["pseudo_dropped"] for r in cot_rows),
+        "refined_dropped": sum(r["refined_dropped"] for r in cot_rows),
+        "with_step4_profile": sum(p is not None for p in profiles),
+    })
+    if not leakage["clean"]:
+        print(f"[cot] LEAKAGE CHECK FAILED, cot.parquet not written: {leakage['offending'][:10]}", flush=True)
+        atomic_write_json(stage1 / "audit.json", {"leakage": leakage})
+        return 1
+    atomic_write_parquet(table, stage1 / "cot.parquet")
+
+    # ---- judge (Appendix D) on a seeded sample of each source
+    judge = {"samples_per_source": args.judge_samples}
+    if args.judge_samples > 0:
+        judge_model = args.judge_model or refiner_model
+        rng = np.random.default_rng(cfg.data.seed + 1)
+        rows = []
+        for source in ("pseudo_cot", "refined_cot"):
+            have = [r for r in cot_rows if r[source]]
+            pick = sorted(rng.choice(len(have), size=min(args.judge_samples, len(have)), replace=False)) if have else []
+            for i in pick:
+                msgs = json.dumps(P.judge_messages(have[i][source]), sort_keys=True)
+                rows.append({"key": row_key("judge", have[i]["sample_id"], content_hash(msgs), judge_model,
+                                            f"{P.JUDGE_VERSION}|{source}"),
+                             "sample_id": have[i]["sample_id"], "source": source, "messages": msgs})
+        guided = refiner == "local" and not args.no_judge_guided
+        extra = {"judge": True, "judge_retries": args.judge_retries,
+                 "json_schema": P.JUDGE_SCHEMA if (guided or refiner == "openai") else None}
+        if refiner == "local":
+            fn, kw = local(judge_model, **extra)
+        else:
+            fn, kw = refiner_fn(**extra)
+        kw["sampling"] = {**kw["sampling"], "max_tokens": args.judge_max_new_tokens, "temperature": 0.3}
+        done = generate("judge", rows, fn, kw, judge_model, P.JUDGE_VERSION, sanitize=False)
+        records = [done[r["key"]] for r in rows if r["key"] in done]
+        per_source = {}
+        for source in ("pseudo_cot", "refined_cot"):
+            recs = [r for r in records if r["source"] == source]
+            valid = [json.loads(r["scores"]) for r in recs if r["valid"]]
+            per_source[source] = {
+                "judged": len(recs), "valid": len(valid), "invalid": len(recs) - len(valid),
+                "mean_scores": {d: round(float(np.mean([v[d]["score"] for v in valid])), 3) if valid else None
+                                for d in P.JUDGE_DIMENSIONS},
+            }
+        judge.update({"model": f"{refiner}:{judge_model}", "constrained_json": extra["json_schema"] is not None,
+                      "retries": args.judge_retries, "per_source": per_source,
+                      "records": [{"sample_id": r["sample_id"], "source": r["source"], "valid": bool(r["valid"]),
+                                   "attempts": int(r["attempts"]),
+                                   "scores": json.loads(r["scores"]) if r["valid"] else None,
+                                   "raw": None if r["valid"] else (r["text"] or "")[:500]} for r in records]})
+    tokens = [t for t in table.column("pseudo_tokens").to_pylist() + table.column("refined_tokens").to_pylist() if t]
+    audit = {"leakage": leakage, "judge": judge, "timings": timings,
+             "generated_tokens": {"stored_total": int(sum(tokens))},
+             "settings": {"cot_model": gen_model, "refiner": refiner, "refiner_model": refiner_model,
+                          "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                          "captions": has_captions, "cot_source": s1.cot_source,
+                          "refine_with_pseudo_cot": s1.refine_with_pseudo_cot,
+                          "refine_with_captions": s1.refine_with_captions, "pool_size": s1.pool_size,
+                          "batch_size": s1.batch_size}}
+    atomic_write_json(stage1 / "audit.json", audit)
+    short = {k: v for k, v in leakage.items() if k != "offending"}
+    print(f"[cot] wrote {stage1 / 'cot.parquet'} ({len(sids)} samples) and {stage1 / 'audit.json'}", flush=True)
+    print(f"[cot] leakage: {json.dumps(short)}", flush=True)
+    if args.judge_samples > 0:
+        print(f"[cot] judge: {json.dumps(judge['per_source'])}", flush=True)
+    print(f"[cot] timings: {json.dumps(timings)}", flush=True)
+    return 0
