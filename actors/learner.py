@@ -7,6 +7,8 @@ the adapter disabled, so the learner holds one copy of the base weights.
 
 Use `LearnerActor` (= `ray.remote(Learner)`) from a controller:
     learner = LearnerActor.options(num_cpus=1).remote(model_path, grpo_cfg, lora_cfg)
+Weights reach rollout actors through `actors.weight_sync.sync_weights` (object store, or a
+broadcast via the inherited `WeightSenderMixin`, which calls `export_weights`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from mllmrec_ray.io import atomic_write_text
 from mllmrec_ray.policy import build_policy, deepspeed_engine, load_tokenizer, merged_lora_state, pad_batch, save_merged, token_logprobs
 from mllmrec_ray.weights import to_buckets
 
+from actors.weight_sync import WeightSenderMixin
 
-class Learner:
+
+class Learner(WeightSenderMixin):
     def __init__(self, model_path: str, cfg: GRPOConfig | dict | None = None, lora: LoraConfig | dict | None = None):
         """`cfg` / `lora`: the dataclasses or their `asdict` form; only the optimisation fields are used."""
         self.cfg = from_dict(GRPOConfig, cfg) if isinstance(cfg, dict) else (cfg or GRPOConfig())
@@ -57,7 +61,11 @@ class Learner:
                                                  enabled=self.cfg.zero_stage == 3)
 
     def _micro_batches(self, batch: list[dict]):
-        """Padded tensors per micro-batch: (input_ids, attention_mask, response_mask, advantages)."""
+        """Per micro-batch: (input_ids, attention_mask, response_mask, advantages, start).
+
+        Log-probs are taken from column `start` on (the shortest prompt's last token): the
+        response_mask is already sliced to match.
+        """
         m = self.cfg.micro_batch_size
         dev = self.engine.device
         out = []
@@ -66,12 +74,13 @@ class Learner:
             ids, attn, rmask = pad_batch([b["prompt_ids"] for b in mb], [b["response_ids"] for b in mb],
                                          self.tokenizer.pad_token_id)
             adv = torch.tensor([float(b.get("advantage", 0.0)) for b in mb], dtype=torch.float32)
-            out.append((ids.to(dev), attn.to(dev), rmask.to(dev), adv.to(dev)))
+            start = min(len(b["prompt_ids"]) for b in mb) - 1
+            out.append((ids.to(dev), attn.to(dev), rmask[:, start:].to(dev), adv.to(dev), start))
         return out
 
-    def _ref_logprobs(self, ids, attn):
+    def _ref_logprobs(self, ids, attn, start):
         with torch.no_grad(), self.engine.module.disable_adapter():
-            return token_logprobs(self.engine, ids, attn)
+            return token_logprobs(self.engine, ids, attn, start)
 
     def train_step(self, batch: list[dict]) -> dict:
         """One GRPO step: `updates_per_step` optimizer updates on this batch; returns float stats.
@@ -85,23 +94,23 @@ class Learner:
         t0 = time.perf_counter()
         mbs = self._micro_batches(batch)
         if cfg.loss_agg == "token_mean":
-            shares = [float(rm.sum()) for _, _, rm, _ in mbs]
+            shares = [float(mb[2].sum()) for mb in mbs]
         else:
-            shares = [float((rm.sum(1) > 0).sum()) for _, _, rm, _ in mbs]
-        tokens = [float(rm.sum()) for _, _, rm, _ in mbs]
+            shares = [float((mb[2].sum(1) > 0).sum()) for mb in mbs]
+        tokens = [float(mb[2].sum()) for mb in mbs]
         total_share, total_tokens = max(sum(shares), 1.0), max(sum(tokens), 1.0)
-        ref = [self._ref_logprobs(ids, attn) if cfg.beta != 0 else None for ids, attn, _, _ in mbs]
+        ref = [self._ref_logprobs(ids, attn, start) if cfg.beta != 0 else None for ids, attn, _, _, start in mbs]
         old = None
         if cfg.updates_per_step > 1:  # with a single update old == current, taken from the same forward
             with torch.no_grad():
-                old = [token_logprobs(self.engine, ids, attn) for ids, attn, _, _ in mbs]
+                old = [token_logprobs(self.engine, ids, attn, start) for ids, attn, _, _, start in mbs]
 
         per_update = []
         for _ in range(cfg.updates_per_step):
             agg = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
-            for k, (ids, attn, rmask, adv) in enumerate(mbs):
+            for k, (ids, attn, rmask, adv, start) in enumerate(mbs):
                 self.engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
-                logp = token_logprobs(self.engine, ids, attn)
+                logp = token_logprobs(self.engine, ids, attn, start)
                 old_logp = logp.detach() if old is None else old[k]
                 loss, st = grpo_loss(logp, old_logp, ref[k], adv, rmask, clip_eps=cfg.clip_eps,
                                      beta=cfg.beta, loss_agg=cfg.loss_agg)
@@ -125,10 +134,10 @@ class Learner:
     def logprobs(self, batch: list[dict]) -> dict:
         """Per-response token log-probs under the policy and the reference (adapter disabled)."""
         out = {"logp": [], "ref_logp": []}
-        for ids, attn, rmask, _ in self._micro_batches(batch):
+        for ids, attn, rmask, _, start in self._micro_batches(batch):
             with torch.no_grad():
-                logp = token_logprobs(self.engine, ids, attn)
-            ref = self._ref_logprobs(ids, attn)
+                logp = token_logprobs(self.engine, ids, attn, start)
+            ref = self._ref_logprobs(ids, attn, start)
             for i in range(ids.shape[0]):
                 sel = rmask[i].bool()
                 out["logp"].append(logp[i][sel].tolist())
@@ -136,7 +145,7 @@ class Learner:
         return out
 
     def export_weights(self, full: bool = False) -> list[bytes]:
-        """Merged weights as safetensors buckets: the LoRA targets, or (full) the whole model."""
+        """Merged weights as safetensors buckets: the LoRA targets (whole fused groups), or (full) the whole model."""
         with self._gathered():
             state = merged_lora_state(self.engine.module, full=full)
             return to_buckets(state.items(), self.cfg.sync_bucket_mb << 20)

@@ -19,6 +19,8 @@ import torch
 MERGED_MARKER = "mllmrec_complete.json"
 # Shared JIT cache so DeepSpeed's comm op (about 75 s to build) compiles once for tests and jobs.
 TORCH_EXTENSIONS_DIR = Path.home() / ".cache" / "mllmrec" / "torch_extensions"
+# vLLM loads these projections as one fused tensor, so a partial update must carry whole groups.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def build_policy(model_path: str, lora, dtype: torch.dtype = torch.float32):
@@ -73,42 +75,54 @@ def pad_batch(prompt_ids_list, response_ids_list, pad_id: int):
     return input_ids, attention_mask, response_mask
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[N, T-1] float32 log-prob of each next token (column j scores input token j+1)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:].unsqueeze(-1)
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """[N, T-1-start] float32 log-prob of each next token (column j scores input token start+j+1).
+
+    `start` > 0 skips the columns of a shared prompt prefix: the LM head and softmax then run
+    only on the positions that are scored (with a ~400-token prompt and ~32 response tokens
+    this is most of the vocabulary-sized work). Slice a `pad_batch` response_mask as [:, start:].
+    """
+    keep = input_ids.shape[1] - start  # logits at positions start..T-1; the last predicts nothing
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1].float()
+    targets = input_ids[:, start + 1 :].unsqueeze(-1)
     # gather - logsumexp is log_softmax at the target without keeping a second [N, T, V] tensor.
-    return (torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+    return torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def merged_lora_state(peft_model, full: bool = False) -> dict[str, torch.Tensor]:
     """Merged weights W + scale * B @ A of every LoRA target, under the base model's HF names.
 
-    Does not touch the model (no merge/unmerge). `full=False` returns only the LoRA targets
-    (what training changes); `full=True` adds every other base tensor (tied `lm_head.weight`
-    included, as vLLM's loader wants it), i.e. a complete HF state dict of the merged model.
+    Does not touch the model (no merge/unmerge). `full=False` returns what training changes:
+    the LoRA targets, plus the untouched siblings of a vLLM fused group (q/k/v, gate/up) so
+    every fused tensor arrives whole. `full=True` returns every tensor of the merged model
+    (tied `lm_head.weight` included, as vLLM's loader wants it): a complete HF state dict.
     """
     from peft.tuners.lora import LoraLayer
 
     def base_name(peft_name: str) -> str:
         return peft_name.removeprefix("base_model.model.").replace(".base_layer", "")
 
-    out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        if full:
-            for name, t in peft_model.state_dict().items():
-                if "lora_" not in name:
-                    out[base_name(name)] = t.detach()
+        base = {base_name(k): v.detach() for k, v in peft_model.state_dict().items() if "lora_" not in k}
+        merged: dict[str, torch.Tensor] = {}
         for name, module in peft_model.named_modules():
             if not isinstance(module, LoraLayer):
                 continue
             w = module.get_base_layer().weight
-            merged = w.detach().float()
+            m = w.detach().float()
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    merged = merged + module.get_delta_weight(adapter).float()
-            out[base_name(name) + ".weight"] = merged.to(w.dtype)
-    return out
+                    m = m + module.get_delta_weight(adapter).float()
+            merged[base_name(name) + ".weight"] = m.to(w.dtype)
+    if full:
+        return {**base, **merged}
+    keys = set(merged)
+    for key in merged:
+        prefix, leaf = key.removesuffix(".weight").rsplit(".", 1)
+        for group in FUSED_GROUPS:
+            if leaf in group:
+                keys.update(k for k in (f"{prefix}.{g}.weight" for g in group) if k in base)
+    return {k: merged.get(k, base.get(k)) for k in sorted(keys)}
 
 
 def save_merged(peft_model, tokenizer, out_dir, info: dict | None = None) -> Path:

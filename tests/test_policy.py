@@ -44,6 +44,8 @@ def test_token_logprobs_match_manual_gather(tiny):
         for j in range(ids.shape[1] - 1):
             if attn[i, j + 1]:
                 assert torch.allclose(got[i, j], logp[i, j, ids[i, j + 1]], atol=1e-5)
+    # Skipping the shared prompt columns gives the same numbers for the columns kept.
+    assert torch.allclose(token_logprobs(model, ids, attn, start=1), got[:, 1:], atol=1e-5)
     # Right padding never changes the real tokens' log-probs: row 1 alone gives the same numbers.
     ids1, attn1, rmask1 = pad_batch([[7, 8]], [[11, 12, 13]], pad_id=0)
     alone = token_logprobs(model, ids1, attn1)
@@ -88,3 +90,16 @@ def test_save_merged_writes_a_loadable_model(tiny, tmp_path):
     ids, attn, _ = pad_batch([[3, 4, 5]], [[6, 7]], pad_id=0)
     with torch.no_grad():
         assert torch.allclose(token_logprobs(loaded, ids, attn), token_logprobs(model, ids, attn), atol=1e-5)
+
+
+def test_partial_state_completes_fused_groups(tiny):
+    base = build_policy(tiny, LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
+    _randomise_lora_b(base)
+    state = merged_lora_state(base)
+    full = merged_lora_state(base, full=True)
+    layer = "model.layers.0"
+    # q is trained; k and v ride along unchanged so vLLM's fused qkv tensor is whole; same for gate/up.
+    assert {f"{layer}.self_attn.{p}_proj.weight" for p in "qkv"} <= set(state)
+    assert {f"{layer}.mlp.gate_proj.weight", f"{layer}.mlp.up_proj.weight"} <= set(state)
+    assert not any("o_proj" in k or "down_proj" in k or "norm" in k for k in state)
+    assert all(torch.equal(state[k], full[k]) for k in state)
