@@ -14,7 +14,6 @@ caption that does not repeat the title).
 from __future__ import annotations
 
 import os
-import re
 from functools import lru_cache
 from typing import Any
 
@@ -201,12 +200,11 @@ def pixel_caption(image) -> str:
 
 
 def clean_vlm_caption(text: str, title: str | None, max_chars: int = 600) -> str | None:
-    """One-line caption without the item's title (paper Eq. 3: the caption must not repeat it)."""
+    """One-line caption with the item's title forms replaced by "the film" (Eq. 3: no title repeat)."""
+    from mllmrec_ray.parsing import MASK, sanitize_cot
+
     out = " ".join((text or "").split())
     if title:
-        base = re.sub(r"\s*\([^()]*\)\s*$", "", title).strip()
-        for t in sorted({title.strip(), base}, key=len, reverse=True):
-            if len(t) >= 3:
-                out = re.sub(re.escape(t), "the film", out, flags=re.IGNORECASE)
+        out = sanitize_cot(out, "", title)[0].replace(MASK, "the film")
     out = out[:max_chars].strip()
     return out or None
