@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=10, choices=[10, 100])
     parser.add_argument("--out", required=True, help="evaluation record JSON to write")
     parser.add_argument("--seed", type=int, default=0, help="training and bootstrap seed")
-    parser.add_argument("--epochs", type=int, default=200,
+    parser.add_argument("--epochs", type=int, default=30,
                         help="SASRec max epochs (early stopping on valid usually ends sooner)")
     parser.add_argument("--max-seconds", type=float, default=170.0,
                         help="SASRec training time budget in seconds (0 = none); the record's "

@@ -35,7 +35,9 @@ class SASRec(nn.Module):
         self.max_len = max_len
         self.item_emb = nn.Embedding(n_items + 1, hidden, padding_idx=0)  # index 0 = padding
         self.pos_emb = nn.Embedding(max_len, hidden)
+        # Same small scale for both: PyTorch's default N(0, 1) positions would drown the items.
         nn.init.normal_(self.item_emb.weight, std=hidden ** -0.5)
+        nn.init.normal_(self.pos_emb.weight, std=hidden ** -0.5)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
         layer = nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=hidden, dropout=dropout,
@@ -90,10 +92,10 @@ def fit_sasrec(
     item_ids: Sequence[str],
     valid: tuple[Sequence[Sequence[str]], Sequence[Sequence[str]], Sequence[str]] | None = None,
     *,
-    epochs: int = 200,
-    patience: int = 10,
+    epochs: int = 30,
+    patience: int = 5,
     batch_size: int = 128,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     hidden: int = 64,
     blocks: int = 2,
     heads: int = 1,
