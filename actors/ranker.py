@@ -80,15 +80,18 @@ class HFBackend:
     def score(self, prompt_ids: list[list[int]], answer_ids: list[list[list[int]]]) -> list[list[float]]:
         return self.scorer.score(prompt_ids, answer_ids)
 
-    def generate(self, ids: list[int], max_new_tokens: int) -> str:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of token-id prompts, as one left-padded batch."""
         torch = self.scorer.torch
         tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.inference_mode():
-            out = self.scorer.model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+            out = self.scorer.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                             do_sample=False, pad_token_id=pad)
+        return tok.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
 class VLLMBackend:
@@ -108,8 +111,10 @@ class VLLMBackend:
     def score(self, prompt_ids: list[list[int]], answer_ids: list[list[list[int]]]) -> list[list[float]]:
         return self.scorer.score(prompt_ids, answer_ids)
 
-    def generate(self, ids: list[int], max_new_tokens: int) -> str:
-        return self.engine.generate([ids], n=1, temperature=0.0, top_p=1.0, max_tokens=max_new_tokens)[0][0].text
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of token-id prompts (temperature 0)."""
+        groups = self.engine.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=max_new_tokens)
+        return [g[0].text for g in groups]
 
 
 # Serve snapshots the class's globals when decorating it: everything it uses is defined above.
@@ -179,14 +184,18 @@ class Ranker:
                 work.append((n, pool, ids, answer_ids))
         scores = self.backend.score([w[2] for w in work], [w[3] for w in work]) if work else []
         logger.info("ranked a batch of %d request(s), %d candidates", len(work), sum(len(w[1]) for w in work))
+        explain = []  # (request index, prompt + the top answer + <think>)
         for (n, pool, ids, _), s in zip(work, scores):
             r = reqs[n]
             ranked = ranked_items(pool, s, self.items, r.k)
-            result = {"items": ranked, "retrieval": self.retriever.name if r.candidates is None else "given"}
+            out[n] = {"items": ranked, "retrieval": self.retriever.name if r.candidates is None else "given"}
             if r.explain:
-                prefix = self._encode(explain_prefix(ranked[0]["item_id"], self.items, self.prompt.think_first))
-                result["reasoning"] = cut_reasoning(self.backend.generate(ids + prefix, EXPLAIN_MAX_NEW_TOKENS))
-            out[n] = result
+                prefix = explain_prefix(ranked[0]["item_id"], self.items, self.prompt.think_first)
+                explain.append((n, ids + self._encode(prefix)))
+        if explain:
+            texts = self.backend.generate([ids for _, ids in explain], EXPLAIN_MAX_NEW_TOKENS)
+            for (n, _), text in zip(explain, texts):
+                out[n]["reasoning"] = cut_reasoning(text)
         return out
 
     def _encode(self, text: str) -> list[int]:

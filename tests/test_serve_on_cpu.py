@@ -271,4 +271,6 @@ def test_vllm_backend_agrees_with_transformers(tiny_llama, data_dir):
     hs, vs = hf.score(prompts, answer_ids), vl.score(prompts, answer_ids)
     for h, v in zip(hs, vs):
         assert v == pytest.approx(h, abs=0.05)
-    assert vl.generate(prompts[0], 12) == hf.generate(prompts[0], 12)
+    assert vl.generate(prompts[:1], 12) == hf.generate(prompts[:1], 12)
+    texts = hf.generate(prompts, 12)  # left-padded batch: the unpadded prompt reads the same
+    assert len(texts) == 2 and texts[0] == hf.generate(prompts[:1], 12)[0]
