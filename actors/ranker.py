@@ -172,6 +172,9 @@ class Ranker:
         out: list = [None] * len(reqs)
         work = []
         for n, (r, pool) in enumerate(zip(reqs, pools)):
+            if not pool:  # a history that covers the whole catalogue leaves nothing to retrieve
+                out[n] = RequestError("history", "every catalogue item is in the history; nothing left to recommend")
+                continue
             messages = prompt_messages(r.history, pool, self.items, self.prompt.with_captions, self.prompt.think_first)
             ids = self._encode(render_prompt(self.tokenizer, messages))
             answer_ids = [self._encode(a) for a in answers(pool, self.items)]
