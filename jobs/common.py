@@ -17,5 +17,6 @@ def init_ray(num_cpus: int | float | None = None):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or 8, include_dashboard=False, log_to_driver=True)
+        # address="local": never join a stranger's head recorded in /tmp/ray
+        ray.init(address="local", num_cpus=num_cpus or 8, include_dashboard=False, log_to_driver=True)
     return ray

@@ -116,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
         import ray
 
         # one local cluster for every stage process of this run
-        ctx = ray.init(num_cpus=cfg.ray_num_cpus or 8, include_dashboard=False)
+        ctx = ray.init(address="local", num_cpus=cfg.ray_num_cpus or 8, include_dashboard=False)
         os.environ["RAY_ADDRESS"] = ctx.address_info["address"]
         started_head = ray
     timings = {}

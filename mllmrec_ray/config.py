@@ -202,9 +202,15 @@ class Stage1Config:
 
 @dataclass
 class ServeConfig:
+    """Ray Serve ranker: bind address, replicas (autoscaling up to max_replicas when larger),
+    request batching, the retrieval stage that proposes candidates, and request limits."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 4.0
+    resources: ResourceConfig = field(default_factory=lambda: ResourceConfig(num_cpus=1.0))
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.05
     retrieval: Literal["pop", "sasrec"] = "pop"
