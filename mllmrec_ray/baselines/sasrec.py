@@ -95,7 +95,7 @@ def fit_sasrec(
     epochs: int = 30,
     patience: int = 5,
     batch_size: int = 128,
-    lr: float = 2e-3,
+    lr: float = 5e-3,
     hidden: int = 64,
     blocks: int = 2,
     heads: int = 1,
