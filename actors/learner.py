@@ -25,7 +25,8 @@ import torch
 from mllmrec_ray.config import GRPOConfig, LoraConfig, from_dict
 from mllmrec_ray.grpo import grpo_loss
 from mllmrec_ray.io import atomic_write_text
-from mllmrec_ray.policy import build_policy, deepspeed_engine, load_tokenizer, merged_lora_state, pad_batch, save_merged, token_logprobs
+from mllmrec_ray.policy import (build_policy, deepspeed_engine, load_tokenizer, merged_lora_state, pad_batch,
+                                save_merged, token_logprobs)
 from mllmrec_ray.weights import to_buckets
 
 from actors.weight_sync import WeightSenderMixin
@@ -126,7 +127,6 @@ class Learner(WeightSenderMixin):
 
         stats = dict(per_update[0])  # the on-policy (first) update is the one comparable across steps
         stats["loss_final"] = per_update[-1]["loss"]
-        stats["grad_norm"] = per_update[-1]["grad_norm"]
         stats.update(tokens=sum(tokens), sequences=len(batch), optimizer_steps=int(self.engine.global_steps),
                      seconds=time.perf_counter() - t0)
         return stats

@@ -80,7 +80,7 @@ def train_loop(config: dict) -> None:
     epochs = -(-total * sft.grad_accum // micro_per_epoch)  # enough passes to reach `total` steps
     if rank == 0:
         say(f"[sft] {len(examples)} examples, {world} worker(s), {per_rank} per worker, "
-              f"micro-batch {sft.micro_batch_size} x accum {sft.grad_accum}: {total} optimizer steps")
+            f"micro-batch {sft.micro_batch_size} x accum {sft.grad_accum}: {total} optimizer steps")
 
     step, window, first_loss, t0 = 0, [], None, time.perf_counter()
     for epoch in range(epochs):
@@ -103,7 +103,7 @@ def train_loop(config: dict) -> None:
                        "seconds": time.perf_counter() - t0}
             if rank == 0:
                 say(f"[sft] step {step}/{total} epoch {epoch + 1} loss {step_loss:.4f} "
-                      f"({metrics['seconds'] / step:.1f} s/step)")
+                    f"({metrics['seconds'] / step:.1f} s/step)")
             ray.train.report(metrics)
             if step >= total:
                 break
