@@ -260,6 +260,12 @@ class OpenAIGenerator:
         return out
 
 
+def _plain(x):
+    """A numpy scalar as a Python value; NaN (how Ray Data may carry a None) as None."""
+    x = x.item() if isinstance(x, np.generic) else x
+    return None if isinstance(x, float) and x != x else x
+
+
 def store_generations(batch: dict[str, np.ndarray], store_root: str, targets: dict | None = None,
                       constants: dict | None = None) -> dict[str, Any]:
     """Sanitise generated CoTs against their sample's target and persist the batch as one part file.
@@ -283,6 +289,6 @@ def store_generations(batch: dict[str, np.ndarray], store_root: str, targets: di
         rows["dropped"] = [c[2] for c in clean]
     for k, v in (constants or {}).items():
         rows[k] = [v] * n
-    table = pa.table({k: [x.item() if isinstance(x, np.generic) else x for x in v] for k, v in rows.items()})
+    table = pa.table({k: [_plain(x) for x in v] for k, v in rows.items()})
     PartStore(store_root).write(table)
     return {"n": [n]}
