@@ -11,7 +11,8 @@ Both scorers read the shared prompt once and compute only the short answers on t
   over copies of the prompt's key/value cache.
 - `VLLMScorer`: vLLM prefix caching; each prompt is prefilled once, then every
   prompt+answer request reads the cached prompt blocks and returns prompt logprobs for the
-  answer tokens only (V1 skips the cache for prompt-logprob requests unless told otherwise).
+  answer tokens only (V1 skips the cache for prompt-logprob requests unless told otherwise;
+  a request whose cache hit swallowed answer positions is recomputed without the cache).
 
 Answers are tokenized on their own and appended to the prompt ids (the prompt ends with the
 assistant opener and a newline, so the joint tokenization splits at the same place).
@@ -101,27 +102,29 @@ class VLLMScorer:
         from vllm.inputs import TokensPrompt
 
         prefill = SamplingParams(max_tokens=1, temperature=0.0)
+        cached, uncached = (SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                           skip_reading_prefix_cache=skip) for skip in (False, True))
         out: list[list[float]] = []
         for start in range(0, len(prompt_ids), self.prompts_per_batch):
             p_batch = prompt_ids[start:start + self.prompts_per_batch]
             a_batch = answers[start:start + self.prompts_per_batch]
             self.engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in p_batch], prefill, use_tqdm=False)
-            requests, params = [], []
-            for p, a_ids in zip(p_batch, a_batch):
-                # A prompt filling whole blocks would be read entirely from the cache, and the
-                # logprob of the first answer token (computed at the last prompt position) would
-                # be missing: such prompts are recomputed.
-                read_cache = len(p) % self.block_size != 0
-                sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
-                                    skip_reading_prefix_cache=not read_cache)
-                for a in a_ids:
-                    requests.append(TokensPrompt(prompt_token_ids=p + a))
-                    params.append(sp)
-            results = iter(self.engine.llm.generate(requests, params, use_tqdm=False))
-            for p, a_ids in zip(p_batch, a_batch):
+            requests = [TokensPrompt(prompt_token_ids=p + a) for p, a_ids in zip(p_batch, a_batch) for a in a_ids]
+            outputs = self.engine.llm.generate(requests, cached, use_tqdm=False)
+            # Logprobs exist only from the first recomputed position on. A cache hit reaching the last
+            # prompt token (a prompt filling whole blocks, or candidates sharing a block of answer
+            # tokens such as "[ITEM_1") loses some: recompute those requests without the cache.
+            starts = [len(p) for p, a_ids in zip(p_batch, a_batch) for _ in a_ids]
+            redo = [i for i, (o, n) in enumerate(zip(outputs, starts)) if o.num_cached_tokens > n - 1]
+            if redo:
+                again = self.engine.llm.generate([requests[i] for i in redo], uncached, use_tqdm=False)
+                for i, o in zip(redo, again):
+                    outputs[i] = o
+            results = iter(zip(outputs, starts))
+            for a_ids in a_batch:
                 scores = []
                 for a in a_ids:
-                    plp = next(results).prompt_logprobs
-                    scores.append(sum(plp[pos][tok].logprob for pos, tok in enumerate(a, start=len(p))))
+                    o, n = next(results)
+                    scores.append(sum(o.prompt_logprobs[pos][tok].logprob for pos, tok in enumerate(a, start=n)))
                 out.append(scores)
         return out

@@ -26,8 +26,11 @@ def case(tiny_llama):
     g = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(3, len(tok), (n,), generator=g).tolist()  # noqa: E731
     # 128 tokens = one whole vLLM CPU block (the recompute path), 150 = cache-read path, 5 = no full block.
-    prompts = [ids(128), ids(150), ids(5)]
-    answers = [[ids(n) for n in (1, 4, 7, 3)] for _ in prompts]
+    prompts = [ids(128), ids(150), ids(5), ids(125)]
+    answers = [[ids(n) for n in (1, 4, 7, 3)] for _ in prompts[:3]]
+    # Answers sharing a prefix that completes the prompt's block (like "[ITEM_1..."): cached past the prompt.
+    shared = ids(5)
+    answers.append([shared + ids(n) for n in (1, 2, 3)])
     expected = [_naive(model, p, a) for p, a in zip(prompts, answers)]
     return prompts, answers, expected
 

@@ -1,0 +1,135 @@
+"""Rollout throughput: RolloutActor pools (1 and 2 actors) vs the raw vLLM engine on the same prompts,
+and learner -> rollout weight sync seconds per transport.
+
+Usage: python benchmarks/rollout.py [--model smollm2-135m] [--data RUN/data] [--prompts 16]
+           [--group-size 8] [--max-new-tokens 32] [--actors 1,2] [--repeats 3] [--sync object_store,gloo]
+Without --data the prompts are synthetic recommendation prompts of the same shape
+(9 watched + 10 candidates). Tokens/s counts generated tokens over wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+
+def make_prompts(tokenizer, data: str | None, n: int) -> list[dict]:
+    from mllmrec_ray.prompts import build_messages, render_prompt, sample_messages
+
+    if data:
+        from mllmrec_ray.run_data import load_items, load_samples
+
+        items = load_items(data)
+        rows = load_samples(data, "train")[:n]
+        return [{"sample_id": r["sample_id"], "prompt": render_prompt(tokenizer, sample_messages(r, items)),
+                 "target": r["target"], "candidates": list(r["candidates"])} for r in rows]
+    prompts = []
+    for i in range(n):
+        history = [{"item_id": str(100 + 20 * i + j), "title": f"Synthetic Movie {j} of User {i} (199{j})"}
+                   for j in range(9)]
+        cands = [{"item_id": str(5000 + 10 * i + j), "title": f"Candidate Film Number {j} ({1980 + j})"}
+                 for j in range(10)]
+        prompts.append({"sample_id": f"u{i}", "prompt": render_prompt(tokenizer, build_messages(history, cands)),
+                        "target": cands[0]["item_id"], "candidates": [c["item_id"] for c in cands]})
+    return prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", help="prepared data dir (real prompts from its train split)")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--actors", default="1,2", help="pool sizes to measure")
+    parser.add_argument("--actor-cpus", type=float, default=0.5)
+    parser.add_argument("--sync", default="object_store,gloo", help="transports to time ('' to skip)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating raw / pool measurements")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+    import ray
+
+    from actors.rollout import RolloutActor
+    from actors.weight_sync import WeightSenderMixin, sync_weights
+    from mllmrec_ray.config import EngineConfig, GRPOConfig
+    from mllmrec_ray.engine import Engine
+    from mllmrec_ray.models import resolve_model
+
+    model = resolve_model(args.model)
+    engine_cfg = EngineConfig(dtype=args.dtype)
+    grpo = GRPOConfig(group_size=args.group_size, max_new_tokens=args.max_new_tokens)
+    results: dict = {"model": args.model, "prompts": args.prompts, "group_size": args.group_size,
+                     "max_new_tokens": args.max_new_tokens, "data": args.data or "synthetic"}
+
+    # Raw engine in this process: the ceiling the actors are measured against. Raw and pool runs
+    # alternate (--repeats) so a drifting background load hits both alike; ratios are medians.
+    engine = Engine(model, engine_cfg)
+    prompts = make_prompts(engine.tokenizer, args.data, args.prompts)
+    ids = [engine.encode(p["prompt"]) for p in prompts]
+    results["prompt_tokens_mean"] = sum(map(len, ids)) / len(ids)
+    engine.generate(ids[:2], 2, grpo.temperature, grpo.top_p, 8)  # warm-up
+
+    def raw_tok_s() -> float:
+        t0 = time.perf_counter()
+        groups = engine.generate(ids, grpo.group_size, grpo.temperature, grpo.top_p, grpo.max_new_tokens)
+        return sum(c.completion_tokens for g in groups for c in g) / (time.perf_counter() - t0)
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    sizes = [int(x) for x in args.actors.split(",") if x]
+    for n in sizes:
+        actors = [RolloutActor.options(num_cpus=args.actor_cpus).remote(model, engine_cfg, grpo) for _ in range(n)]
+        ray.get([a.generate_groups.remote(prompts[:1]) for a in actors])  # start + warm-up
+        shards = [prompts[i::n] for i in range(n)]
+        raw, pool = [], []
+        for _ in range(args.repeats):
+            raw.append(raw_tok_s())
+            t0 = time.perf_counter()
+            out = ray.get([a.generate_groups.remote(s) for a, s in zip(actors, shards) if s])
+            seconds = time.perf_counter() - t0
+            assert sum(len(g) for g in out) == len(prompts)
+            pool.append(sum(ray.get(a.stats.remote())["last"]["completion_tokens"] for a in actors) / seconds)
+        results[f"pool{n}"] = {"raw_tok_s": raw, "pool_tok_s": pool,
+                               "ratio_median": statistics.median(p / r for p, r in zip(pool, raw))}
+        print(f"pool of {n}: {[round(x, 1) for x in pool]} tok/s vs raw {[round(x, 1) for x in raw]} tok/s "
+              f"-> median ratio {results[f'pool{n}']['ratio_median']:.2f}", flush=True)
+        if n == max(sizes) and args.sync:
+            @ray.remote(num_cpus=0.25)
+            class Learner(WeightSenderMixin):
+                """Stand-in learner: exports the model's weights as the real learner should (tied head left out)."""
+
+                def __init__(self, path: str, dtype: str):
+                    import torch
+                    from transformers import AutoModelForCausalLM
+
+                    self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+
+                def export_weights(self, full: bool) -> list[bytes]:
+                    from mllmrec_ray.weights import to_buckets
+
+                    tied = self.model.config.tie_word_embeddings
+                    state = {k: v for k, v in self.model.state_dict().items() if not (tied and k == "lm_head.weight")}
+                    return to_buckets(state.items(), 64 << 20)
+
+            learner = Learner.remote(model, args.dtype)
+            for transport in args.sync.split(","):
+                sync_weights(learner, actors, transport, 1)  # first sync builds any group
+                info = sync_weights(learner, actors, transport, 2)
+                results[f"sync_{transport}_s"] = info["seconds"]
+                results[f"sync_{transport}_load_s"] = info["load_s"]
+                results["sync_mib"] = info["bytes"] / 2**20
+                print(f"sync {transport} to {n} actors: {info['seconds']:.2f} s for {info['bytes'] / 2**20:.0f} MiB "
+                      f"(engine reload {info['load_s']:.2f} s)", flush=True)
+        for a in actors:
+            ray.kill(a)
+    ray.shutdown()
+    results["load_avg_1m"] = os.getloadavg()[0]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
