@@ -15,7 +15,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from mllmrec_ray.config import GRPOConfig, PipelineConfig, load_config
@@ -34,13 +34,20 @@ def build_prompts(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, tokeniz
     reasoning = load_reasoning(stage1_dir / "cot.parquet", stage1_dir / "mda.parquet", "selected_grpo",
                                cfg.stage1.cot_source)
     key = "candidates" if cfg.prompt.n_candidates == 10 else "candidates_100"
+    budget = cfg.model.engine.max_model_len - cfg.grpo.max_new_tokens
     prompts = []
     for s in load_samples(data_dir, "train"):
         messages = sample_messages(
             {k: v for k, v in s.items() if k != "target"}, items, reasoning=reasoning.get(s["sample_id"]),
             with_captions=cfg.prompt.with_captions, think_first=cfg.prompt.think_first,
             n_candidates=cfg.prompt.n_candidates)
-        prompts.append({"sample_id": s["sample_id"], "prompt": render_prompt(tokenizer, messages),
+        text = render_prompt(tokenizer, messages)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > budget:
+            raise ValueError(f"sample {s['sample_id']}: the prompt is {len(ids)} tokens, over model.engine.max_model_len "
+                             f"({cfg.model.engine.max_model_len}) - grpo.max_new_tokens ({cfg.grpo.max_new_tokens}); "
+                             f"raise model.engine.max_model_len or set prompt.with_captions: false")
+        prompts.append({"sample_id": s["sample_id"], "prompt": text, "prompt_ids": ids,
                         "target": s["target"], "candidates": list(s[key])})
     if not prompts:
         raise ValueError(f"{data_dir}/samples.parquet has no train samples")
@@ -93,43 +100,43 @@ class Controller:
         self.RolloutActor = RolloutActor
         g = self.g
         self.learner = LearnerActor.options(num_cpus=g.learner_resources.num_cpus,
-                                            num_gpus=g.learner_resources.num_gpus).remote(
-            model_path, asdict(g), asdict(cfg.model.lora))
+                                            num_gpus=g.learner_resources.num_gpus).remote(model_path, g, cfg.model.lora)
         self.actors = [self._new_actor(i) for i in range(g.rollout_actors)]
         self.version = 0
         self.restarts = 0
 
     def _new_actor(self, index: int):
         g = self.g
+        engine = replace(self.cfg.model.engine, seed=g.seed + 1000 * index)
         return self.RolloutActor.options(num_cpus=g.rollout_resources.num_cpus,
                                          num_gpus=g.rollout_resources.num_gpus).remote(
-            self.model_path, asdict(self.cfg.model.engine), think_first=self.cfg.prompt.think_first,
-            seed=g.seed + 1000 * index)
+            self.model_path, engine, g, think_first=self.cfg.prompt.think_first)
 
     def sync(self, actors=None) -> float:
         from actors.weight_sync import sync_weights
 
-        t = time.perf_counter()
-        sync_weights(self.learner, actors or self.actors, self.g.weight_transport, self.version)
-        return time.perf_counter() - t
+        # LoRA changes only the target modules: send those (merged), never the frozen rest
+        out = sync_weights(self.learner, actors or self.actors, self.g.weight_transport, self.version, full=False,
+                           use_gpu=self.g.rollout_resources.num_gpus > 0)
+        return out["seconds"]
 
     def rollout(self, indices: list[int], step: int) -> tuple[list[dict], float]:
         """Generate groups on every actor; replace any actor that dies and re-issue its shard."""
         from ray.exceptions import RayActorError
 
         shards = shard(indices, len(self.actors))
-        payload = lambda ids: [{k: self.prompts[i][k] for k in ("sample_id", "prompt", "target", "candidates")}
+        payload = lambda ids: [{k: self.prompts[i][k] for k in ("sample_id", "prompt_ids", "target", "candidates")}
                                for i in ids]  # noqa: E731
-        sampling = {"n": self.g.group_size, "temperature": self.g.temperature, "top_p": self.g.top_p,
-                    "max_tokens": self.g.max_new_tokens}
+        # per-(step, shard) sampling seed: a resumed run draws the same responses
+        seed = lambda a: self.g.seed * 1_000_003 + step * 7919 + a  # noqa: E731
+        t0 = time.perf_counter()
         pending = {}
         for a, ids in enumerate(shards):
             if ids:
-                ref = self.actors[a].generate_groups.remote(payload(ids), sampling, seed=self.g.seed + step * 7919 + a)
-                pending[ref] = a
+                pending[self.actors[a].generate_groups.remote(payload(ids), seed=seed(a))] = a
         if os.environ.get(FAULT_ENV) == str(step) and pending:
             self.ray.kill(self.actors[0], no_restart=True)
-        groups, tokens, seconds = [], 0, 0.0
+        groups = []
         while pending:
             ready, _ = self.ray.wait(list(pending), num_returns=1)
             a = pending.pop(ready[0])
@@ -145,13 +152,11 @@ class Controller:
                 self.actors[a] = self._new_actor(a)
                 if self.version > 0:
                     self.sync([self.actors[a]])
-                ref = self.actors[a].generate_groups.remote(payload(shards[a]), sampling,
-                                                            seed=self.g.seed + step * 7919 + a)
-                pending[ref] = a
+                pending[self.actors[a].generate_groups.remote(payload(shards[a]), seed=seed(a))] = a
                 continue
-            groups.extend(result["groups"])
-            tokens += result["tokens"]
-            seconds = max(seconds, result["seconds"])
+            groups.extend(result)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(r["token_ids"]) for grp in groups for r in grp["responses"])
         order = {sid: k for k, sid in enumerate(self.prompts[i]["sample_id"] for i in indices)}
         groups.sort(key=lambda grp: order[grp["sample_id"]])
         return groups, tokens / max(seconds, 1e-9)
@@ -263,8 +268,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import ray
-
+    from jobs.common import init_ray
     from mllmrec_ray.models import resolve_model
 
     cfg = load_config(args.config, args.set) if args.config else PipelineConfig()
@@ -278,9 +282,7 @@ def main(args: argparse.Namespace) -> int:
     if not (data_dir / "samples.parquet").exists():
         print(f"error: {data_dir}/samples.parquet not found; run `mllmrec data prepare --out {data_dir}` first")
         return 2
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=None if os.environ.get("RAY_ADDRESS") else
-                 (cfg.ray_num_cpus or 8), include_dashboard=False, log_to_driver=True)
+    init_ray(cfg.ray_num_cpus)
     summary = run_grpo(cfg, data_dir, run_dir / "stage1", resolve_model(model), run_dir / "grpo",
                        run_dir / "models" / "grpo", resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items() if k != "first"}))

@@ -44,7 +44,7 @@ def plan(cfg: PipelineConfig, config_path: Path, run_dir: Path) -> list[tuple[st
     for baseline in ("pop", "sasrec"):
         if baseline in cfg.eval.models:
             stages.append((baseline, ["baseline", "--data", str(data), "--model", baseline, "--split", cfg.eval.split,
-                                      "--candidates", str(cfg.prompt.n_candidates), "--seed", str(d.seed),
+                                      "--candidates", str(cfg.prompt.n_candidates), "--seed", str(d.seed), "--max-seconds", "0",
                                       "--out", str(evals / f"{baseline}.json")], evals / f"{baseline}.json"))
     stages += [
         ("textualize", ["textualize", "--data", str(data), "--out", str(stage1), *conf], stage1 / "captions.parquet"),
