@@ -58,8 +58,14 @@ def plan(cfg: PipelineConfig, config_path: Path, run_dir: Path) -> list[tuple[st
     llms = {"base": cfg.model.name, "sft": str(models / "sft"), "grpo": str(models / "grpo")}
     for name, model in llms.items():
         if name in cfg.eval.models and (name != "grpo" or cfg.grpo.steps > 0):
-            stages.append((f"eval-{name}", ["eval", "--data", str(data), "--model", model, "--name", name, *conf,
-                                            "--out", str(evals / f"{name}.json")], evals / f"{name}.json"))
+            # evaluation prompts are built exactly like the training prompts (captions, answer order)
+            shape = ["--captions", str(stage1 / "captions.parquet") if cfg.prompt.with_captions else "none",
+                     *(["--think-first"] if cfg.prompt.think_first else [])]
+            stages.append((f"eval-{name}", ["eval", "--data", str(data), "--model", model, "--name", name,
+                                            "--split", cfg.eval.split, "--candidates", str(cfg.prompt.n_candidates),
+                                            "--mode", cfg.eval.mode, *shape, "--dtype", cfg.model.engine.dtype,
+                                            "--seed", str(d.seed), "--out", str(evals / f"{name}.json")],
+                           evals / f"{name}.json"))
     stages.append(("report", ["report", str(run_dir)], None))
     return stages
 
