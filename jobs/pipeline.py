@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -77,10 +78,19 @@ def run_stage(name: str, argv: list[str], log_dir: Path) -> float:
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{name}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in proc.stdout:  # stream to the console and keep a per-stage log
-            sys.stdout.write(line)
-            log.write(line)
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:  # stream to the console and keep a per-stage log
+                sys.stdout.write(line)
+                log.write(line)
+            rc = proc.wait()
+        except BaseException:
+            # Ctrl-C / SIGTERM: stop the stage too; its finished outputs stay, so a rerun resumes
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     seconds = time.perf_counter() - t
     if rc != 0:
         raise SystemExit(f"stage {name} failed with exit code {rc} after {seconds:.0f} s; "
@@ -117,6 +127,8 @@ def main(args: argparse.Namespace) -> int:
             state = "complete" if done is not None and done.exists() else "to run"
             print(f"{name:12s} {state:9s} mllmrec {' '.join(argv)}")
         return 0
+    # SIGTERM (e.g. `mllmrec jobs stop`) unwinds like Ctrl-C, so the stage and the local head stop too
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     started_head = None
     if not os.environ.get("RAY_ADDRESS"):
         import ray
