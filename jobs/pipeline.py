@@ -99,6 +99,10 @@ def run_stage(name: str, argv: list[str], log_dir: Path) -> float:
     return seconds
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=Path("configs/quickstart.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. grpo.steps=2")
@@ -128,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"{name:12s} {state:9s} mllmrec {' '.join(argv)}")
         return 0
     # SIGTERM (e.g. `mllmrec jobs stop`) unwinds like Ctrl-C, so the stage and the local head stop too
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     started_head = None
     if not os.environ.get("RAY_ADDRESS"):
         import ray
