@@ -91,7 +91,11 @@ class RolloutActor(WeightReceiverMixin):
         tokens_per_s counts generated tokens over engine wall time."""
         totals = dict(self.totals)
         totals["tokens_per_s"] = totals["completion_tokens"] / totals["generate_s"] if totals["generate_s"] else 0.0
-        return {"last": dict(self.last), "totals": totals, "version": self.version}
+        import torch
+
+        # Ray gives an actor floor(num_cpus) (at least 1) OpenMP threads: the engine's compute width.
+        return {"last": dict(self.last), "totals": totals, "version": self.version,
+                "torch_threads": torch.get_num_threads()}
 
     def update_weights(self, buckets: list[bytes], version: int) -> dict:
         """Load a full (or per-layer complete) state dict given as safetensors buckets; returns timing."""

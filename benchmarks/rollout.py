@@ -94,6 +94,7 @@ def main() -> None:
             assert sum(len(g) for g in out) == len(prompts)
             pool.append(sum(ray.get(a.stats.remote())["last"]["completion_tokens"] for a in actors) / seconds)
         results[f"pool{n}"] = {"raw_tok_s": raw, "pool_tok_s": pool,
+                               "actor_threads": ray.get(actors[0].stats.remote())["torch_threads"],
                                "ratio_median": statistics.median(p / r for p, r in zip(pool, raw))}
         print(f"pool of {n}: {[round(x, 1) for x in pool]} tok/s vs raw {[round(x, 1) for x in raw]} tok/s "
               f"-> median ratio {results[f'pool{n}']['ratio_median']:.2f}", flush=True)
