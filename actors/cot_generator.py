@@ -51,7 +51,11 @@ class LocalGenerator:
         from mllmrec_ray.engine import Engine
         from mllmrec_ray.models import resolve_model
 
-        extra = {"limit_mm_per_prompt": {"image": max_images}} if max_images else {}
+        extra: dict[str, Any] = {"limit_mm_per_prompt": {"image": max_images}} if max_images else {}
+        if json_schema is not None:  # compact JSON: no whitespace runs eating the token budget
+            from vllm.config import StructuredOutputsConfig
+
+            extra["structured_outputs_config"] = StructuredOutputsConfig(disable_any_whitespace=True)
         self.engine = Engine(resolve_model(model), EngineConfig(**(engine or {})), **extra)
         self.sampling = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 256, **(sampling or {})}
         self.judge, self.judge_retries, self.json_schema = judge, judge_retries, json_schema
@@ -64,7 +68,7 @@ class LocalGenerator:
         if self.json_schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            kwargs["structured_outputs"] = StructuredOutputsParams(json=self.json_schema, disable_any_whitespace=True)
+            kwargs["structured_outputs"] = StructuredOutputsParams(json=self.json_schema)
         return SamplingParams(**kwargs)
 
     def _run(self, conversations: list[list[dict]]) -> list[tuple[str, str | None, int]]:

@@ -49,13 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _pick(samples: list[dict], n: int | None, seed: int) -> list[dict]:
-    """A seeded subset of n samples (all when n is None or large), in sample_id order."""
+    """The first n of a seeded permutation (all when n is None or large), in sample_id order.
+
+    A smaller n picks a subset of a larger n's samples, so changing the cap reuses finished rows.
+    """
     import numpy as np
 
     samples = sorted(samples, key=lambda s: s["sample_id"])
     if n is None or n >= len(samples):
         return samples
-    idx = np.random.default_rng(seed).choice(len(samples), size=n, replace=False)
+    idx = np.random.default_rng(seed).permutation(len(samples))[:n]
     return [samples[i] for i in sorted(idx)]
 
 
@@ -252,8 +255,8 @@ def main(args: argparse.Namespace) -> int:
             pick = sorted(rng.choice(len(have), size=min(args.judge_samples, len(have)), replace=False)) if have else []
             for i in pick:
                 msgs = json.dumps(P.judge_messages(have[i][source]), sort_keys=True)
-                rows.append({"key": row_key("judge", have[i]["sample_id"], content_hash(msgs), judge_model,
-                                            f"{P.JUDGE_VERSION}|{source}"),
+                version = f"{P.JUDGE_VERSION}|{source}|max={args.judge_max_new_tokens}|guided={not args.no_judge_guided}"
+                rows.append({"key": row_key("judge", have[i]["sample_id"], content_hash(msgs), judge_model, version),
                              "sample_id": have[i]["sample_id"], "source": source, "messages": msgs})
         guided = refiner == "local" and not args.no_judge_guided
         extra = {"judge": True, "judge_retries": args.judge_retries,
@@ -280,6 +283,10 @@ def main(args: argparse.Namespace) -> int:
                                    "attempts": int(r["attempts"]),
                                    "scores": json.loads(r["scores"]) if r["valid"] else None,
                                    "raw": None if r["valid"] else (r["text"] or "")[:500]} for r in records]})
+    old_audit = json.loads((stage1 / "audit.json").read_text()) if (stage1 / "audit.json").exists() else {}
+    for step, t in (old_audit.get("timings") or {}).items():  # a rerun keeps the timings of the run that generated
+        if timings.get(step, {}).get("rows", 0) == 0 and t.get("rows"):
+            timings[step] = t
     tokens = [t for t in table.column("pseudo_tokens").to_pylist() + table.column("refined_tokens").to_pylist() if t]
     audit = {"leakage": leakage, "judge": judge, "timings": timings,
              "generated_tokens": {"stored_total": int(sum(tokens))},

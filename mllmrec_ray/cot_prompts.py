@@ -21,7 +21,7 @@ from mllmrec_ray.prompts import UNTITLED, clean_text
 CAPTION_VERSION = "caption-v1"
 PSEUDO_VERSION = "pseudo-v1"
 REFINE_VERSION = "refine-v1"
-JUDGE_VERSION = "judge-v1"
+JUDGE_VERSION = "judge-v2"
 
 STEP_NAMES = {
     1: "Multimodal attributes",
@@ -125,7 +125,7 @@ def refine_messages(history: Sequence[Mapping[str, Any]], pseudo_cot: str | None
 # ------------------------------------------------------------------ Step parsing
 
 _STEP_HEAD = re.compile(
-    r"^[\s>*#_`-]*step\s*([1-4])\b(?:\s*\([^)\n]*\))?[\s*_]*(?:[:.)\-\u2013\u2014][\s*_]*)?",
+    r"^[\s>*#_`-]*(?:\d+[.)]\s*)?[*_]*step\s*([1-4])\b(?:\s*\([^)\n]*\))?[\s*_]*(?:[:.)\-\u2013\u2014][\s*_]*)?",
     re.IGNORECASE | re.MULTILINE,
 )
 
@@ -210,7 +210,7 @@ JUDGE_SCHEMA = {
         d: {
             "type": "object",
             "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 5},
-                           "evidence": {"type": "string", "minLength": 1, "maxLength": 240}},
+                           "evidence": {"type": "string", "minLength": 12, "maxLength": 240}},
             "required": ["score", "evidence"],
             "additionalProperties": False,
         }
@@ -230,7 +230,8 @@ def parse_judge(text: str | None) -> dict[str, dict] | None:
     """Strictly parse a judge reply -> {dimension: {"score": int 1-5, "evidence": str}}, or None if invalid.
 
     Accepted: one JSON object (optionally after a reasoning model's leading <think>...</think>)
-    with exactly the five dimensions, each an integer score in 1..5 and a non-empty evidence string.
+    with exactly the five dimensions, each an integer score in 1..5 and an evidence string of at
+    least two words.
     Nothing is guessed or repaired.
     """
     s = (text or "").strip()
@@ -250,7 +251,7 @@ def parse_judge(text: str | None) -> dict[str, dict] | None:
         score, evidence = v["score"], v["evidence"]
         if isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 5:
             return None
-        if not isinstance(evidence, str) or not evidence.strip():
-            return None
+        if not isinstance(evidence, str) or len(re.findall(r"[^\W\d_]{2,}", evidence)) < 2:
+            return None  # an evidence sentence has words, not "..." copied from the format line
         out[dim] = {"score": score, "evidence": evidence.strip()}
     return out

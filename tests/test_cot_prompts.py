@@ -62,6 +62,7 @@ def test_caption_prompt_has_image_then_title():
      {1: "warm", 4: "a warm comedy"}),
     ("### Step 2 - patterns\nrepeats\n### Step 4. next: noir", {2: "patterns repeats", 4: "next: noir"}),
     ("step 4: lowercase works\nStep 4: second copy ignored", {4: "lowercase works"}),
+    ("1. Step 1: listed\n2. **Step 2**: bold\n- Step 3) dash", {1: "listed", 2: "bold", 3: "dash"}),
     ("In step 4 we say nothing at a line start", {}),
     ("", {}),
 ])
@@ -99,6 +100,8 @@ def test_parse_judge_accepts_strict_json_and_a_leading_think_block():
     json.dumps(_judge(leakage_risk={"score": 4.5, "evidence": "x"})),
     json.dumps(_judge(leakage_risk={"score": True, "evidence": "x"})),
     json.dumps(_judge(leakage_risk={"score": 4, "evidence": "  "})),
+    json.dumps(_judge(leakage_risk={"score": 4, "evidence": "..."})),
+    json.dumps(_judge(leakage_risk={"score": 4, "evidence": "Fine."})),
     json.dumps(_judge(leakage_risk={"score": 4})),
     json.dumps([1, 2]),
     "",
