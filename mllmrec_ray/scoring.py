@@ -6,7 +6,9 @@ the answer, and the length bias is small here because every answer starts with i
 `[ITEM_<id>]` tag and the title after it is nearly free once the model has chosen the id
 (the prompt lists every candidate with its title); a mean would instead reward long titles.
 
-Both scorers read the shared prompt once and compute only the short answers on top of it:
+Both scorers read the shared prompt once and compute only the short answers on top of it
+(SmolLM2-135M, ~390-token prompts, 2 quiet cores, bf16: HFScorer 9-12 candidates/s, VLLMScorer
+5-8, one naive forward per candidate ~1-2.6; `mllmrec eval` defaults to HFScorer):
 - `HFScorer`: one transformers forward over the prompt, then batched forwards of all answers
   over copies of the prompt's key/value cache.
 - `VLLMScorer`: vLLM prefix caching; each prompt is prefilled once, then every
@@ -53,7 +55,8 @@ def ranking_messages(messages: list[dict], k: int) -> list[dict]:
 class HFScorer:
     """Answer log-likelihoods with transformers: one prompt forward, answers batched over its KV cache."""
 
-    def __init__(self, model: str, dtype: str = "bfloat16", chunk: int = 32, threads: int | None = None):
+    def __init__(self, model: str, dtype: str = "bfloat16", chunk: int = 32, max_cache_tokens: int = 16384,
+                 threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,7 +65,8 @@ class HFScorer:
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
-        self.chunk = chunk  # answers per batched forward (bounds the expanded cache's memory)
+        self.chunk = chunk  # answers per batched forward
+        self.max_cache_tokens = max_cache_tokens  # bounds the expanded cache: chunk * prompt length
 
     def score(self, prompt_ids: list[list[int]], answers: list[list[list[int]]]) -> list[list[float]]:
         """Per prompt, the summed log-probability of each answer (token ids) given the prompt."""
@@ -73,8 +77,9 @@ class HFScorer:
                 res = self.model(torch.tensor([p_ids]), use_cache=True)
                 first = torch.log_softmax(res.logits[0, -1].float(), -1)  # predicts each answer's first token
                 scores: list[float] = []
-                for start in range(0, len(a_ids), self.chunk):
-                    batch = a_ids[start:start + self.chunk]
+                chunk = max(1, min(self.chunk, self.max_cache_tokens // len(p_ids)))
+                for start in range(0, len(a_ids), chunk):
+                    batch = a_ids[start:start + chunk]
                     width = max(len(a) for a in batch)
                     # Right padding: under the causal mask pads only affect positions after the answer.
                     tokens = torch.tensor([a + [a[-1]] * (width - len(a)) for a in batch])

@@ -19,6 +19,7 @@ from mllmrec_ray.weights import to_buckets
 
 PROMPT = "<|im_start|>user\nCandidates: [ITEM_7] Heat [ITEM_42] Star Wars<|im_end|>\n<|im_start|>assistant\n"
 NEW_TOKENS = 12
+_last_state: dict = {}  # the weights the rollout engine holds after the last sync test
 
 
 @ray.remote(num_cpus=0.25)
@@ -69,15 +70,23 @@ def test_sync_makes_engine_match_new_weights(rollout, tiny_llama, transport):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     before = _rollout_greedy(rollout)
-    # Perturb every linear layer (and the tied embedding) so the greedy continuation changes.
+    # object_store: a full update (every linear layer and the tied embedding perturbed; lm_head left
+    # out on purpose: the engine must re-derive it). gloo: a partial update, as LoRA training sends
+    # (only the layers' linear weights; embedding and norms must keep their current values).
+    full = transport == "object_store"
+    kinds = (torch.nn.Linear, torch.nn.Embedding) if full else (torch.nn.Linear,)
     torch.manual_seed({"object_store": 1, "gloo": 2}[transport])
+    if _last_state:  # start from what the engine holds now (an earlier test's weights)
+        model.load_state_dict(_last_state["state"])
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        for name, module in model.named_modules():
+            if isinstance(module, kinds) and (full or ".layers." in name):
                 module.weight.add_(torch.randn_like(module.weight) * 0.5)
     expected = _hf_greedy(model, tokenizer)
-    # Tied lm_head left out on purpose: the engine must re-derive it from the embedding.
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    _last_state["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+    if not full:
+        state = {k: v for k, v in state.items() if k.endswith("proj.weight")}
     learner = FakeLearner.remote(state)
     version = {"object_store": 1, "gloo": 2}[transport]
     info = sync_weights(learner, [rollout], transport, version)
