@@ -55,7 +55,7 @@ class LocalGenerator:
         if json_schema is not None:  # compact JSON: no whitespace runs eating the token budget
             from vllm.config import StructuredOutputsConfig
 
-            extra["structured_outputs_config"] = StructuredOutputsConfig(disable_any_whitespace=True)
+            extra["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
         self.engine = Engine(resolve_model(model), EngineConfig(**(engine or {})), **extra)
         self.sampling = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 256, **(sampling or {})}
         self.judge, self.judge_retries, self.json_schema = judge, judge_retries, json_schema
@@ -96,6 +96,7 @@ class LocalGenerator:
         return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        t0 = time.perf_counter()
         conversations = [json.loads(m) for m in batch["messages"]]
         results = self._run(conversations)
         out = _passthrough(batch)
@@ -113,6 +114,7 @@ class LocalGenerator:
             fields = [_judge_fields(r[0], a) for r, a in zip(results, attempts)]
             out["text"] = [r[0] for r in results]
             out.update({k: [f[k] for f in fields] for k in ("valid", "scores", "attempts")})
+        out["batch_seconds"] = [round(time.perf_counter() - t0, 3)] * len(results)  # engine time of this batch
         return out
 
 
@@ -246,6 +248,7 @@ class OpenAIGenerator:
             return list(pool.map(lambda c: self.complete(c, attempt), conversations))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        t0 = time.perf_counter()
         conversations = [json.loads(m) for m in batch["messages"]]
         results = self._complete_all(conversations, 1)
         out = _passthrough(batch)
@@ -260,7 +263,8 @@ class OpenAIGenerator:
             fields = [_judge_fields(r[0], a) for r, a in zip(results, attempts)]
             out.update({k: [f[k] for f in fields] for k in ("valid", "scores", "attempts")})
         out.update({"text": [r[0] for r in results], "finish_reason": [r[1] for r in results],
-                    "completion_tokens": [r[2] for r in results]})
+                    "completion_tokens": [r[2] for r in results],
+                    "batch_seconds": [round(time.perf_counter() - t0, 3)] * len(results)})
         return out
 
 
@@ -282,7 +286,7 @@ def store_generations(batch: dict[str, np.ndarray], store_root: str, targets: di
     import pyarrow as pa
 
     from mllmrec_ray.cot_prompts import sanitize_generation
-    from mllmrec_ray.stage1_store import PartStore
+    from mllmrec_ray.stage1_store import PartStore, content_hash
 
     rows = {k: list(v) for k, v in batch.items()}
     n = len(rows["key"])
@@ -293,6 +297,7 @@ def store_generations(batch: dict[str, np.ndarray], store_root: str, targets: di
         rows["dropped"] = [c[2] for c in clean]
     for k, v in (constants or {}).items():
         rows[k] = [v] * n
+    rows["batch"] = [content_hash(sorted(map(str, rows["key"])))[:16]] * n  # rows generated in one engine call
     table = pa.table({k: [_plain(x) for x in v] for k, v in rows.items()})
     PartStore(store_root).write(table)
     return {"n": [n]}

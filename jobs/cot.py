@@ -159,7 +159,14 @@ def main(args: argparse.Namespace) -> int:
                                  targets=targets if sanitize else None,
                                  constants={"model": model, "prompt_version": version})
         table = store.select([r["key"] for r in rows])
-        return {r["key"]: r for r in (table.to_pylist() if table is not None else [])}
+        finished = {r["key"]: r for r in (table.to_pylist() if table is not None else [])}
+        if todo:  # engine time vs wall time (wall includes Ray start-up and engine load)
+            new = [finished[r["key"]] for r in todo if r["key"] in finished]
+            engine_s = sum({r["batch"]: r.get("batch_seconds") or 0.0 for r in new}.values())
+            tokens = sum(r.get("completion_tokens") or 0 for r in new)
+            timings[step].update({"completion_tokens": tokens, "engine_seconds": round(engine_s, 2),
+                                  "tokens_per_engine_s": round(tokens / engine_s, 1) if engine_s else None})
+        return finished
 
     def local(model: str, **extra) -> tuple:
         return LocalGenerator, {"model": model, "engine": engine, "sampling": sampling, **extra}
