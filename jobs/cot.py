@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "are recorded as prompt_too_long")
     parser.add_argument("--with-images", action="store_true",
                         help="give the pseudo-CoT model the cover images (it must be a VLM)")
-    parser.add_argument("--judge-samples", type=int, default=8, help="CoTs per source scored by the judge (0: none)")
+    parser.add_argument("--judge-samples", type=int, default=4, help="CoTs per source scored by the judge (0: none)")
     parser.add_argument("--judge-model", help="judge model (default: the refiner model, same backend)")
     parser.add_argument("--judge-retries", type=int, default=2, help="re-asks for an invalid judge reply")
     parser.add_argument("--judge-max-new-tokens", type=int, default=512)
