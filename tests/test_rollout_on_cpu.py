@@ -44,7 +44,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def rollout(cluster, tiny_llama):
-    engine = EngineConfig(dtype="float32", max_model_len=512, gpu_memory_utilization=0.15)
+    engine = EngineConfig(dtype="float32", max_model_len=512, kv_cache_gib=0.25)
     greedy = GRPOConfig(group_size=1, temperature=0.0, top_p=1.0, max_new_tokens=NEW_TOKENS)
     actor = RolloutActor.options(num_cpus=0.5).remote(str(tiny_llama), engine, greedy)
     assert ray.get(actor.ping.remote())
@@ -104,7 +104,7 @@ def test_sync_makes_engine_match_new_weights(rollout, tiny_llama, transport):
 def test_generate_groups_rewards(cluster, tiny_llama):
     sampling = GRPOConfig(group_size=4, temperature=1.0, top_p=1.0, max_new_tokens=8)
     actor = RolloutActor.options(num_cpus=0.5).remote(
-        str(tiny_llama), EngineConfig(max_model_len=512, gpu_memory_utilization=0.15), sampling)
+        str(tiny_llama), EngineConfig(max_model_len=512, kv_cache_gib=0.25), sampling)
     prompts = [{"sample_id": f"u{i}", "prompt": PROMPT, "target": t, "candidates": ["7", "42"]}
                for i, t in enumerate(["7", "42", "7"])]
     groups = ray.get(actor.generate_groups.remote(prompts))

@@ -46,7 +46,7 @@ def test_vllm_scorer_matches_naive(tiny_llama, case):
     from mllmrec_ray.config import EngineConfig
     from mllmrec_ray.engine import Engine
 
-    engine = Engine(str(tiny_llama), EngineConfig(dtype="float32", max_model_len=512, gpu_memory_utilization=0.15))
+    engine = Engine(str(tiny_llama), EngineConfig(dtype="float32", max_model_len=512, kv_cache_gib=0.25))
     prompts, answers, expected = case
     scorer = VLLMScorer(engine, prompts_per_batch=2)
     assert scorer.block_size == 128  # what the recompute case above is built around

@@ -261,7 +261,7 @@ def test_vllm_backend_agrees_with_transformers(tiny_llama, data_dir):
 
     items = load_items(data_dir)
     hf = HFBackend(str(tiny_llama), "float32")
-    vl = VLLMBackend(str(tiny_llama), EngineConfig(dtype="float32", max_model_len=1024, gpu_memory_utilization=0.1))
+    vl = VLLMBackend(str(tiny_llama), EngineConfig(dtype="float32", max_model_len=1024, kv_cache_gib=0.25))
     assert vl.max_len == 1024 and hf.max_len == 2048
     pools = [["1", "2", "3", "4"], ["10", "3", "7"]]
     prompts = [vl.tokenizer(render_prompt(vl.tokenizer, prompt_messages(["0", "5"], pool, items, False, False)),

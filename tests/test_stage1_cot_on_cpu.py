@@ -18,7 +18,7 @@ from test_cot_openai_refiner import GOOD_JUDGE, FakeOpenAI
 CONFIG = """\
 ray_num_cpus: 8
 model:
-  engine: {gpu_memory_utilization: 0.05, max_model_len: 1024}
+  engine: {kv_cache_gib: 0.25, max_model_len: 1024}
 stage1:
   pool_size: 2
   batch_size: 4

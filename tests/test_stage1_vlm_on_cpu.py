@@ -18,7 +18,7 @@ from stage1_fixtures import make_data_dir, make_tiny_idefics3, mllmrec
 CONFIG = """\
 ray_num_cpus: 8
 model:
-  engine: {gpu_memory_utilization: 0.05, max_model_len: 1024}
+  engine: {kv_cache_gib: 0.25, max_model_len: 1024}
 stage1:
   pool_size: 1
   batch_size: 4
