@@ -152,7 +152,9 @@ def run_trl(args, model_path: str, prompts: list[dict], work: Path) -> dict:
                                  for p in prompts])
     config = TRLGRPOConfig(
         output_dir=str(work / "trl"), max_steps=args.steps,
-        per_device_train_batch_size=args.prompts_per_step * args.group_size, gradient_accumulation_steps=1,
+        # One optimizer step per prompts x G completions, fed one group per micro-batch: a single
+        # 16 x 450-token fp32 batch (49k-token vocabulary logits) ran this 24 GiB box out of memory.
+        per_device_train_batch_size=args.group_size, gradient_accumulation_steps=args.prompts_per_step,
         num_generations=args.group_size, max_completion_length=args.max_new_tokens,
         temperature=TEMPERATURE, top_p=TOP_P, beta=ours.beta, epsilon=ours.clip_eps, learning_rate=ours.lr,
         loss_type="grpo",  # per-sequence token mean, then mean over sequences: our seq_mean_token_mean
