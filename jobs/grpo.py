@@ -276,8 +276,9 @@ def main(args: argparse.Namespace) -> int:
                       ("prompts_per_step", "prompts_per_step")]:
         if getattr(args, flag) is not None:
             setattr(cfg.grpo, key, getattr(args, flag))
-    run_dir = args.run_dir or cfg.run_dir
-    data_dir = args.data or run_dir / "data"
+    # Absolute: the learner writes checkpoints from a worker whose cwd is the job's working_dir.
+    run_dir = Path(args.run_dir or cfg.run_dir).resolve()
+    data_dir = Path(args.data).resolve() if args.data else run_dir / "data"
     model = args.model or str(run_dir / "models" / "sft")
     if not (data_dir / "samples.parquet").exists():
         print(f"error: {data_dir}/samples.parquet not found; run `mllmrec data prepare --out {data_dir}` first")

@@ -115,7 +115,8 @@ def main(args: argparse.Namespace) -> int:
     import yaml
 
     cfg = load_config(args.config, args.set)
-    run_dir = cfg.run_dir
+    # Absolute paths for every stage: Ray workers of a submitted job run in its working_dir.
+    run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     # the resolved config (overrides applied) is what every stage reads
     resolved = run_dir / "config.yaml"

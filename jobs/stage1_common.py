@@ -61,7 +61,7 @@ def run_pool(rows: list[dict], fn_cls, fn_kwargs: dict, store_root: str | Path, 
     if not rows:
         print(f"[{desc}] nothing to do: every row is already finished", flush=True)
         return {"rows": 0, "seconds": 0.0, "rows_per_s": None}
-    store_root = Path(store_root)
+    store_root = Path(store_root).resolve()  # Ray Data tasks run in the job's working_dir, not our cwd
     store_root.mkdir(parents=True, exist_ok=True)
     todo = store_root / "todo.parquet"
     atomic_write_parquet(pa.Table.from_pylist(rows), todo)

@@ -47,7 +47,7 @@ def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None)
     """A local dir as is; a cache alias -> its cache dir (error if not fetched); else a hub name."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return str(path)
+        return str(path.resolve())  # actors on a Ray cluster do not share the caller's cwd
     if name_or_path in ALIASES:
         target = model_dir(name_or_path, cache_dir)
         if not (target / "config.json").exists():

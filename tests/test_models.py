@@ -127,3 +127,12 @@ def test_real_smollm2_cache():
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n") and tok.eos_token == "<|im_end|>"
     assert models.resolve_model("smollm2-135m") == str(path)
+
+
+def test_resolve_model_makes_a_relative_dir_absolute(tmp_path, monkeypatch):
+    """Actors of a submitted job run in the job's working_dir: a relative model dir must not reach them."""
+    from mllmrec_ray.models import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "m").mkdir(parents=True)
+    assert resolve_model("runs/m") == str(tmp_path / "runs" / "m")
