@@ -65,7 +65,9 @@ def plan(cfg: PipelineConfig, config_path: Path, run_dir: Path) -> list[tuple[st
             stages.append((f"eval-{name}", ["eval", "--data", str(data), "--model", model, "--name", name,
                                             "--split", cfg.eval.split, "--candidates", str(cfg.prompt.n_candidates),
                                             "--mode", cfg.eval.mode, *shape, "--dtype", cfg.model.engine.dtype,
-                                            "--seed", str(d.seed), "--out", str(evals / f"{name}.json")],
+                                            "--seed", str(d.seed), "--out", str(evals / f"{name}.json"),
+                                            *(["--max-samples", str(cfg.eval.max_samples)]
+                                              if cfg.eval.max_samples else [])],
                            evals / f"{name}.json"))
     stages.append(("report", ["report", str(run_dir)], None))
     return stages

@@ -165,7 +165,11 @@ class GRPOConfig:
 
 @dataclass
 class EvalConfig:
-    """LLM evaluation: `score` ranks candidates by answer log-likelihood; `generate` parses a top-K list."""
+    """LLM evaluation: `score` ranks candidates by answer log-likelihood; `generate` parses a top-K list.
+
+    max_samples: LLM rows on the first N samples of the split only (smoke runs); the
+        baselines always use the whole split, and the results table's `n` column says which.
+    """
 
     mode: Literal["score", "generate"] = "score"
     split: Literal["train", "valid", "test"] = "test"
