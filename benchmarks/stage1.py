@@ -41,10 +41,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stage1.json"))
     args = parser.parse_args()
 
+    sizes = [int(x) for x in args.actors.split(",") if x]
+    if args.cot_samples and args.cot_samples < max(sizes) * args.batch_size:
+        print(f"note: {args.cot_samples} CoT rows make fewer than {max(sizes)} batches of {args.batch_size}: "
+              f"some actors get no work and only add engine start-up", flush=True)
     mllmrec = [sys.executable, "-m", "mllmrec_ray.cli"]
     results = []
     with tempfile.TemporaryDirectory(prefix="mllmrec-bench-stage1-") as tmp:
-        for n in [int(x) for x in args.actors.split(",") if x]:
+        for n in sizes:
             stage1 = Path(tmp) / f"actors{n}"
             common = ["--config", args.config, "--pool-size", str(n), "--num-cpus", str(args.num_cpus),
                       "--batch-size", str(args.batch_size)]
