@@ -25,8 +25,8 @@ import torch
 from mllmrec_ray.config import GRPOConfig, LoraConfig, from_dict
 from mllmrec_ray.grpo import grpo_loss
 from mllmrec_ray.io import atomic_write_text
-from mllmrec_ray.policy import (build_policy, deepspeed_engine, load_tokenizer, merged_lora_state, pad_batch,
-                                save_merged, token_logprobs)
+from mllmrec_ray.policy import (build_policy, deepspeed_engine, group_logprobs, load_tokenizer, merged_lora_state,
+                                save_merged)
 from mllmrec_ray.weights import to_buckets
 
 from actors.weight_sync import WeightSenderMixin
@@ -61,27 +61,30 @@ class Learner(WeightSenderMixin):
         return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()),
                                                  enabled=self.cfg.zero_stage == 3)
 
-    def _micro_batches(self, batch: list[dict]):
-        """Per micro-batch: (input_ids, attention_mask, response_mask, advantages, start).
+    def _micro_batches(self, batch: list[dict]) -> list[tuple]:
+        """Per micro-batch: (row indices into `batch`, prompt_ids, responses, advantages [n]).
 
-        Log-probs are taken from column `start` on (the shortest prompt's last token): the
-        response_mask is already sliced to match.
+        A micro-batch holds responses to one prompt (at most micro_batch_size of them), so the
+        prompt runs once and its KV cache is shared by the group (`group_logprobs`).
         """
-        m = self.cfg.micro_batch_size
-        dev = self.engine.device
+        by_prompt: dict[tuple, list[int]] = {}
+        for i, b in enumerate(batch):
+            by_prompt.setdefault(tuple(b["prompt_ids"]), []).append(i)
+        m, dev = self.cfg.micro_batch_size, self.engine.device
         out = []
-        for i in range(0, len(batch), m):
-            mb = batch[i : i + m]
-            ids, attn, rmask = pad_batch([b["prompt_ids"] for b in mb], [b["response_ids"] for b in mb],
-                                         self.tokenizer.pad_token_id)
-            adv = torch.tensor([float(b.get("advantage", 0.0)) for b in mb], dtype=torch.float32)
-            start = min(len(b["prompt_ids"]) for b in mb) - 1
-            out.append((ids.to(dev), attn.to(dev), rmask[:, start:].to(dev), adv.to(dev), start))
+        for prompt, rows in by_prompt.items():
+            for k in range(0, len(rows), m):
+                idx = rows[k : k + m]
+                adv = torch.tensor([float(batch[i].get("advantage", 0.0)) for i in idx], dtype=torch.float32, device=dev)
+                out.append((idx, list(prompt), [list(batch[i]["response_ids"]) for i in idx], adv))
         return out
 
-    def _ref_logprobs(self, ids, attn, start):
+    def _logprobs(self, prompt: list[int], responses: list[list[int]], reference: bool = False):
+        """(log-probs [n, C], mask [n, C]) under the policy, or the reference (adapter disabled, no grad)."""
+        if not reference:
+            return group_logprobs(self.engine, prompt, responses, self.tokenizer.pad_token_id)
         with torch.no_grad(), self.engine.module.disable_adapter():
-            return token_logprobs(self.engine, ids, attn, start)
+            return group_logprobs(self.engine, prompt, responses, self.tokenizer.pad_token_id)
 
     def train_step(self, batch: list[dict]) -> dict:
         """One GRPO step: `updates_per_step` optimizer updates on this batch; returns float stats.
@@ -94,24 +97,25 @@ class Learner(WeightSenderMixin):
         cfg = self.cfg
         t0 = time.perf_counter()
         mbs = self._micro_batches(batch)
+        tokens = [float(sum(len(r) for r in resp)) for _, _, resp, _ in mbs]
         if cfg.loss_agg == "token_mean":
-            shares = [float(mb[2].sum()) for mb in mbs]
+            shares = list(tokens)
         else:
-            shares = [float((mb[2].sum(1) > 0).sum()) for mb in mbs]
-        tokens = [float(mb[2].sum()) for mb in mbs]
+            shares = [float(sum(len(r) > 0 for r in resp)) for _, _, resp, _ in mbs]
         total_share, total_tokens = max(sum(shares), 1.0), max(sum(tokens), 1.0)
-        ref = [self._ref_logprobs(ids, attn, start) if cfg.beta != 0 else None for ids, attn, _, _, start in mbs]
+        ref = [self._logprobs(prompt, resp, reference=True)[0] if cfg.beta != 0 else None
+               for _, prompt, resp, _ in mbs]
         old = None
         if cfg.updates_per_step > 1:  # with a single update old == current, taken from the same forward
             with torch.no_grad():
-                old = [token_logprobs(self.engine, ids, attn, start) for ids, attn, _, _, start in mbs]
+                old = [self._logprobs(prompt, resp)[0] for _, prompt, resp, _ in mbs]
 
         per_update = []
         for _ in range(cfg.updates_per_step):
             agg = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
-            for k, (ids, attn, rmask, adv, start) in enumerate(mbs):
+            for k, (_, prompt, resp, adv) in enumerate(mbs):
                 self.engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
-                logp = token_logprobs(self.engine, ids, attn, start)
+                logp, rmask = self._logprobs(prompt, resp)
                 old_logp = logp.detach() if old is None else old[k]
                 loss, st = grpo_loss(logp, old_logp, ref[k], adv, rmask, clip_eps=cfg.clip_eps,
                                      beta=cfg.beta, loss_agg=cfg.loss_agg)
@@ -132,16 +136,16 @@ class Learner(WeightSenderMixin):
         return stats
 
     def logprobs(self, batch: list[dict]) -> dict:
-        """Per-response token log-probs under the policy and the reference (adapter disabled)."""
-        out = {"logp": [], "ref_logp": []}
-        for ids, attn, rmask, _, start in self._micro_batches(batch):
+        """Per-response token log-probs under the policy and the reference (adapter disabled), in batch order."""
+        out = {"logp": [None] * len(batch), "ref_logp": [None] * len(batch)}
+        for idx, prompt, resp, _ in self._micro_batches(batch):
             with torch.no_grad():
-                logp = token_logprobs(self.engine, ids, attn, start)
-            ref = self._ref_logprobs(ids, attn, start)
-            for i in range(ids.shape[0]):
-                sel = rmask[i].bool()
-                out["logp"].append(logp[i][sel].tolist())
-                out["ref_logp"].append(ref[i][sel].tolist())
+                logp, mask = self._logprobs(prompt, resp)
+            ref, _ = self._logprobs(prompt, resp, reference=True)
+            for j, i in enumerate(idx):
+                sel = mask[j].bool()
+                out["logp"][i] = logp[j][sel].tolist()
+                out["ref_logp"][i] = ref[j][sel].tolist()
         return out
 
     def export_weights(self, full: bool = False) -> list[bytes]:

@@ -24,7 +24,8 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="prepared data dir (samples.parquet, items.parquet)")
     parser.add_argument("--model", help="base model: local dir, cache alias or hub name (default: config model.name)")
-    parser.add_argument("--out", required=True, help="output dir of the merged SFT model (e.g. runs/NAME/models/sft)")
+    parser.add_argument("--out", help="output dir of the merged SFT model (e.g. runs/NAME/models/sft); required "
+                        "unless --write-prompts")
     parser.add_argument("--config", help="pipeline YAML; its sft/model/prompt sections are used (flags override)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (quick runs)")
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cot", help="cot.parquet (sample_id, refined_cot); needs --mda")
     parser.add_argument("--mda", help="mda.parquet (sample_id, selected_sft); only selected samples get reasoning")
     parser.add_argument("--force", action="store_true", help="retrain even if --out holds a finished model")
+    parser.add_argument("--write-prompts", metavar="PATH",
+                        help="write the training examples (sample_id, prompt, answer, has_reasoning, token counts) "
+                             "to this Parquet file and stop before training")
 
 
 def train_loop(config: dict) -> None:
@@ -137,8 +141,10 @@ def main(args: argparse.Namespace) -> int:
     overrides = {"epochs": args.epochs, "max_samples": args.max_samples, "lr": args.lr,
                  "num_workers": args.workers, "grad_accum": args.grad_accum}
     sft = dataclasses.replace(cfg.sft, **{k: v for k, v in overrides.items() if v is not None})
-    out = Path(args.out).resolve()
-    if is_complete(out) and not args.force:
+    if not args.out and not args.write_prompts:
+        raise SystemExit("mllmrec sft needs --out DIR (or --write-prompts PATH to only build the training examples)")
+    out = Path(args.out).resolve() if args.out else None
+    if out is not None and not args.write_prompts and is_complete(out) and not args.force:
         print(f"[sft] {out} already holds a finished SFT model; skipping (use --force to retrain)")
         return 0
 
@@ -163,9 +169,10 @@ def main(args: argparse.Namespace) -> int:
     reasoning = load_reasoning(cot, mda, "selected_sft", cfg.stage1.cot_source)
     texts = sft_texts(samples, items, tokenizer, reasoning, with_captions=cfg.prompt.with_captions,
                       think_first=cfg.prompt.think_first, n_candidates=cfg.prompt.n_candidates)
-    examples, dropped, truncated = [], 0, 0
+    examples, tokenized, dropped, truncated = [], [], 0, 0
     for t in texts:
         ex = tokenize_example(tokenizer, t["prompt"], t["answer"], sft.max_len, sft.completion_only)
+        tokenized.append(ex)
         if ex is None:
             dropped += 1
             continue
@@ -177,6 +184,18 @@ def main(args: argparse.Namespace) -> int:
     print(f"[sft] model {model_path}; {len(examples)} examples ({sum(t['has_reasoning'] for t in texts)} with "
           f"reasoning, {truncated} prompt-truncated, {dropped} dropped: answer longer than max_len "
           f"{sft.max_len}); tokens median {lengths[len(lengths) // 2]} max {lengths[-1]}", flush=True)
+    if args.write_prompts:  # what the model would be trained on, for inspection and audits
+        import pyarrow as pa
+
+        from mllmrec_ray.io import atomic_write_parquet
+
+        table = pa.Table.from_pylist([{
+            "sample_id": t["sample_id"], "prompt": t["prompt"], "answer": t["answer"],
+            "has_reasoning": t["has_reasoning"], "kept": ex is not None,
+            "tokens": len(ex["input_ids"]) if ex is not None else None} for t, ex in zip(texts, tokenized)])
+        atomic_write_parquet(table, args.write_prompts)
+        print(f"[sft] wrote {len(texts)} training examples to {args.write_prompts}; not training", flush=True)
+        return 0
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")

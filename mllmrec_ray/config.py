@@ -133,6 +133,8 @@ class GRPOConfig:
     Objective: clip_eps, beta (k3 KL to the SFT reference), std_normalize advantages,
         loss_agg (`seq_mean_token_mean` = paper, or `token_mean`).
     Schedule: steps, prompts_per_step, epochs over the train prompts, lr, inner updates per step.
+    Learner: micro_batch_size responses to one prompt per forward (the prompt runs once, its
+        KV cache shared by the group), zero_stage, bf16.
     Scale: rollout_actors N vLLM actors with `rollout_resources`; one learner with
         `learner_resources`; weight_transport `auto` (object store on CPU, NCCL on GPU).
     Fault tolerance: checkpoint_every steps; max_actor_restarts before giving up.

@@ -89,6 +89,38 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def group_logprobs(model, prompt_ids: list[int], responses: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of G responses to one prompt, running the prompt once (prefix sharing).
+
+    The prompt's forward fills a KV cache that is repeated G times and extended by the
+    right-padded responses; gradients flow back through the shared prompt. With a
+    ~450-token prompt, G = 4 and ~32 response tokens, that is ~3x fewer tokens than G
+    full rows (`token_logprobs`), and the same numbers. Returns ([G, C] float32 log-prob of
+    each response token, [G, C] mask of real tokens), C = the longest response.
+    """
+    if not prompt_ids:
+        raise ValueError("empty prompt (the first response token needs a context)")
+    g, width, p = len(responses), max(max((len(r) for r in responses), default=0), 1), len(prompt_ids)
+    dev = next(model.parameters()).device
+    resp = torch.full((g, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((g, width), dtype=torch.long)
+    for i, r in enumerate(responses):
+        resp[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    resp, mask = resp.to(dev), mask.to(dev)
+    prefix = model(input_ids=torch.tensor([prompt_ids], device=dev), use_cache=True, logits_to_keep=1)
+    cache = prefix.past_key_values
+    cache.batch_repeat_interleave(g)
+    attn = torch.cat([torch.ones((g, p), dtype=torch.long, device=dev), mask], dim=1)
+    positions = torch.arange(p, p + width, device=dev).expand(g, -1)
+    logits = model(input_ids=resp, attention_mask=attn, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=width).logits[:, :-1]
+    # Response token j is predicted at prompt position P-1 (j = 0) or response position j-1.
+    logits = torch.cat([prefix.logits[:, -1:].expand(g, -1, -1), logits], dim=1).float()
+    logp = torch.gather(logits, -1, resp.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logp, mask
+
+
 def merged_lora_state(peft_model, full: bool = False) -> dict[str, torch.Tensor]:
     """Merged weights W + scale * B @ A of every LoRA target, under the base model's HF names.
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mllmrec_ray.config import LoraConfig
-from mllmrec_ray.policy import (build_policy, is_complete, load_tokenizer, merged_lora_state, pad_batch, save_merged,
-                                token_logprobs)
+from mllmrec_ray.policy import (build_policy, group_logprobs, is_complete, load_tokenizer, merged_lora_state, pad_batch,
+                                save_merged, token_logprobs)
 from tiny_models import make_tiny_model
 
 
@@ -51,6 +51,29 @@ def test_token_logprobs_match_manual_gather(tiny):
     ids1, attn1, rmask1 = pad_batch([[7, 8]], [[11, 12, 13]], pad_id=0)
     alone = token_logprobs(model, ids1, attn1)
     assert torch.allclose(alone[0][rmask1[0].bool()], got[1][rmask[1].bool()], atol=1e-5)
+
+
+def test_group_logprobs_equal_full_rows_in_value_and_gradient(tiny):
+    model = build_policy(tiny, LoraConfig(r=4, alpha=8, dropout=0.0)).eval()
+    _randomise_lora_b(model)
+    prompt, responses = [3, 4, 5, 6, 7], [[9, 10, 11], [12], [13, 14, 15, 16]]
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+
+    ids, attn, rmask = pad_batch([prompt] * 3, responses, pad_id=0)
+    full = token_logprobs(model, ids, attn)
+    full_sum = (full * rmask).sum()
+    want_grads = torch.autograd.grad(full_sum, lora)
+
+    shared, mask = group_logprobs(model, prompt, responses, pad_id=0)
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    for i, r in enumerate(responses):  # the same per-token numbers, response by response
+        assert torch.allclose(shared[i, : len(r)], full[i][rmask[i].bool()], atol=1e-5), i
+    got_grads = torch.autograd.grad((shared * mask).sum(), lora)
+    for g_want, g_got in zip(want_grads, got_grads):  # and the same gradient through the shared prompt
+        assert torch.allclose(g_got, g_want, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in got_grads)
+    with pytest.raises(ValueError, match="empty prompt"):
+        group_logprobs(model, [], responses, pad_id=0)
 
 
 def test_merged_lora_state_equals_merge_and_unload(tiny):

@@ -3,6 +3,7 @@
 import json
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -110,3 +111,32 @@ def test_sft_job_on_ray_train(tiny, tmp_path, capsys):
         assert "skipping" in capsys.readouterr().out
     finally:
         ray.shutdown()
+
+
+def test_write_prompts_builds_the_training_examples_without_training(tiny, tmp_path, capsys):
+    from mllmrec_ray.cli import main
+
+    data, stage1 = tmp_path / "data", tmp_path / "stage1"
+    samples = _samples(4)
+    atomic_write_parquet(pa.Table.from_pylist(samples), data / "samples.parquet")
+    atomic_write_parquet(pa.Table.from_pylist(list(ITEMS.values())), data / "items.parquet")
+    atomic_write_parquet(pa.Table.from_pylist(
+        [{"sample_id": s["sample_id"], "pseudo_cot": "p", "refined_cot": f"Reasoning about {s['sample_id']}."}
+         for s in samples]), stage1 / "cot.parquet")
+    atomic_write_parquet(pa.Table.from_pylist(
+        [{"sample_id": s["sample_id"], "selected_sft": s["sample_id"] in ("u1", "u3")} for s in samples]),
+        stage1 / "mda.parquet")
+    config = tmp_path / "sft.yaml"
+    config.write_text("prompt: {with_captions: false}\n")
+    prompts = tmp_path / "prompts.parquet"
+    assert main(["sft", "--data", str(data), "--model", tiny, "--config", str(config), "--stage1", str(stage1),
+                 "--write-prompts", str(prompts)]) == 0
+    assert "not training" in capsys.readouterr().out
+    rows = {r["sample_id"]: r for r in pq.read_table(prompts).to_pylist()}
+    assert sorted(rows) == ["u0", "u1", "u2", "u3"]
+    for sid, r in rows.items():
+        assert r["has_reasoning"] == (sid in ("u1", "u3"))
+        assert (f"Reasoning about {sid}." in r["prompt"]) == r["has_reasoning"]
+        assert r["kept"] and r["tokens"] > 0
+    with pytest.raises(SystemExit, match="--out"):
+        main(["sft", "--data", str(data), "--model", tiny])
