@@ -96,6 +96,13 @@ class LocalGenerator:
         return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        from mllmrec_ray.engine import restore_thread_budget
+
+        # In the thread that generates (Ray Data may call from another thread than __init__'s):
+        # the engine's attention metadata and kernels then agree on the actor's thread count.
+        restore_thread_budget()
         t0 = time.perf_counter()
         conversations = [json.loads(m) for m in batch["messages"]]
         results = self._run(conversations)
@@ -115,6 +122,7 @@ class LocalGenerator:
             out["text"] = [r[0] for r in results]
             out.update({k: [f[k] for f in fields] for k in ("valid", "scores", "attempts")})
         out["batch_seconds"] = [round(time.perf_counter() - t0, 3)] * len(results)  # engine time of this batch
+        out["torch_threads"] = [torch.get_num_threads()] * len(results)  # the compute width it ran with
         return out
 
 
@@ -248,6 +256,13 @@ class OpenAIGenerator:
             return list(pool.map(lambda c: self.complete(c, attempt), conversations))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        from mllmrec_ray.engine import restore_thread_budget
+
+        # In the thread that generates (Ray Data may call from another thread than __init__'s):
+        # the engine's attention metadata and kernels then agree on the actor's thread count.
+        restore_thread_budget()
         t0 = time.perf_counter()
         conversations = [json.loads(m) for m in batch["messages"]]
         results = self._complete_all(conversations, 1)

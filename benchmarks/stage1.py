@@ -2,9 +2,10 @@
 1 vs 2 generator actors, each pool size in its own fresh Stage I dir and its own `mllmrec` process.
 
 Usage: python benchmarks/stage1.py --data RUN/data [--config configs/quickstart.yaml] [--actors 1,2]
-           [--cot-samples 8] [--num-cpus 1.0] [--out benchmarks/results/stage1.json]
+           [--cot-samples 32] [--cores N] [--out benchmarks/results/stage1.json]
 Captions use the config's captioner (pixel statistics on CPU); CoT uses the config's model as
-generator and refiner, no judge. rows/s is stored rows over the pool's wall time (actor start
+generator and refiner, no judge. The machine's cores are split over the pool (num_cpus = cores / actors,
+and each actor generates with that many torch threads), so the pools compare at equal compute. rows/s is stored rows over the pool's wall time (actor start
 and engine load included); tokens/engine-s is generated tokens over the actors' batch time.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,9 +37,9 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="prepared data dir (items.parquet with image paths)")
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--actors", default="1,2", help="pool sizes to measure")
-    parser.add_argument("--cot-samples", type=int, default=8, help="training samples to write CoT for (0: skip)")
-    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per generator actor")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--cot-samples", type=int, default=32, help="training samples to write CoT for (0: skip)")
+    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="cores split over each pool's actors")
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stage1.json"))
     args = parser.parse_args()
 
@@ -50,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mllmrec-bench-stage1-") as tmp:
         for n in sizes:
             stage1 = Path(tmp) / f"actors{n}"
-            common = ["--config", args.config, "--pool-size", str(n), "--num-cpus", str(args.num_cpus),
+            common = ["--config", args.config, "--pool-size", str(n), "--num-cpus", str(args.cores / n),
                       "--batch-size", str(args.batch_size)]
             wall = run(mllmrec + ["textualize", "--data", args.data, "--out", str(stage1)] + common)
             cap = json.loads((stage1 / "captions_summary.json").read_text())
@@ -62,12 +64,13 @@ def main() -> None:
                 timings = json.loads((stage1 / "audit.json").read_text())["timings"]
                 row["cot"] = {step: {"rows": t.get("rows"), "pool_seconds": t.get("seconds"),
                                      "rows_per_s": t.get("rows_per_s"),
-                                     "tokens_per_engine_s": t.get("tokens_per_engine_s")}
+                                     "tokens_per_engine_s": t.get("tokens_per_engine_s"),
+                                     "torch_threads": t.get("torch_threads")}
                               for step, t in timings.items()}
                 row["cot"]["process_seconds"] = round(wall, 1)
             results.append(row)
             print(json.dumps(row), flush=True)
-    report = {"data": args.data, "config": args.config, "num_cpus_per_actor": args.num_cpus,
+    report = {"data": args.data, "config": args.config, "cores": args.cores,
               "batch_size": args.batch_size, "cot_samples": args.cot_samples, "runs": results}
     if len(results) >= 2:
         a, b = results[0], results[-1]

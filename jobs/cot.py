@@ -165,7 +165,9 @@ def main(args: argparse.Namespace) -> int:
             engine_s = sum({r["batch"]: r.get("batch_seconds") or 0.0 for r in new}.values())
             tokens = sum(r.get("completion_tokens") or 0 for r in new)
             timings[step].update({"completion_tokens": tokens, "engine_seconds": round(engine_s, 2),
-                                  "tokens_per_engine_s": round(tokens / engine_s, 1) if engine_s else None})
+                                  "tokens_per_engine_s": round(tokens / engine_s, 1) if engine_s else None,
+                                  "torch_threads": sorted({r["torch_threads"] for r in new
+                                                           if r.get("torch_threads") is not None})})
         return finished
 
     def local(model: str, **extra) -> tuple:

