@@ -123,7 +123,15 @@ class LocalGenerator:
             out.update({k: [f[k] for f in fields] for k in ("valid", "scores", "attempts")})
         out["batch_seconds"] = [round(time.perf_counter() - t0, 3)] * len(results)  # engine time of this batch
         out["torch_threads"] = [torch.get_num_threads()] * len(results)  # the compute width it ran with
+        out["batch"] = [_batch_id(batch["key"])] * len(results)
         return out
+
+
+def _batch_id(keys) -> str:
+    """Id of the rows generated in one call (their `batch_seconds` is that call's time)."""
+    from mllmrec_ray.stage1_store import content_hash
+
+    return content_hash(sorted(map(str, keys)))[:16]
 
 
 def _passthrough(batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -256,13 +264,6 @@ class OpenAIGenerator:
             return list(pool.map(lambda c: self.complete(c, attempt), conversations))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        import torch
-
-        from mllmrec_ray.engine import restore_thread_budget
-
-        # In the thread that generates (Ray Data may call from another thread than __init__'s):
-        # the engine's attention metadata and kernels then agree on the actor's thread count.
-        restore_thread_budget()
         t0 = time.perf_counter()
         conversations = [json.loads(m) for m in batch["messages"]]
         results = self._complete_all(conversations, 1)
@@ -279,7 +280,8 @@ class OpenAIGenerator:
             out.update({k: [f[k] for f in fields] for k in ("valid", "scores", "attempts")})
         out.update({"text": [r[0] for r in results], "finish_reason": [r[1] for r in results],
                     "completion_tokens": [r[2] for r in results],
-                    "batch_seconds": [round(time.perf_counter() - t0, 3)] * len(results)})
+                    "batch_seconds": [round(time.perf_counter() - t0, 3)] * len(results),
+                    "batch": [_batch_id(batch["key"])] * len(results)})
         return out
 
 
@@ -301,7 +303,7 @@ def store_generations(batch: dict[str, np.ndarray], store_root: str, targets: di
     import pyarrow as pa
 
     from mllmrec_ray.cot_prompts import sanitize_generation
-    from mllmrec_ray.stage1_store import PartStore, content_hash
+    from mllmrec_ray.stage1_store import PartStore
 
     rows = {k: list(v) for k, v in batch.items()}
     n = len(rows["key"])
@@ -312,7 +314,8 @@ def store_generations(batch: dict[str, np.ndarray], store_root: str, targets: di
         rows["dropped"] = [c[2] for c in clean]
     for k, v in (constants or {}).items():
         rows[k] = [v] * n
-    rows["batch"] = [content_hash(sorted(map(str, rows["key"])))[:16]] * n  # rows generated in one engine call
+    # Ray Data may put several generator calls in one block: each call tagged its rows.
+    rows.setdefault("batch", [_batch_id(rows["key"])] * n)
     table = pa.table({k: [_plain(x) for x in v] for k, v in rows.items()})
     PartStore(store_root).write(table)
     return {"n": [n]}

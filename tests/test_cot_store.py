@@ -50,3 +50,17 @@ def test_store_generations_sanitises_and_never_stores_raw_text(tmp_path):
     assert rows["u1"]["model"] == "m" and rows["u1"]["prompt_version"] == "v"
     files = list(tmp_path.glob("part-*.parquet"))
     assert len(files) == 1 and pq.read_table(files[0]).num_rows == 3
+
+
+def test_store_generations_keeps_each_generator_calls_batch_id(tmp_path):
+    # Ray Data can hand the store one block holding two generator calls: their ids (and times) stay apart.
+    batch = {"key": np.array(["k1", "k2", "k3"]), "sample_id": np.array(["u1", "u2", "u3"]),
+             "text": np.array(["a", "b", "c"]), "batch": np.array(["call1", "call1", "call2"]),
+             "batch_seconds": np.array([10.0, 10.0, 12.0])}
+    store_generations(batch, str(tmp_path), None)
+    rows = {r["key"]: r for r in PartStore(tmp_path).read().to_pylist()}
+    assert [rows[k]["batch"] for k in ("k1", "k2", "k3")] == ["call1", "call1", "call2"]
+    # without generator ids, the stored block is one batch
+    store_generations({"key": np.array(["k4", "k5"]), "text": np.array(["d", "e"])}, str(tmp_path / "b"), None)
+    ids = {r["batch"] for r in PartStore(tmp_path / "b").read().to_pylist()}
+    assert len(ids) == 1
