@@ -4,9 +4,10 @@
 Usage: python benchmarks/stage1.py --data RUN/data [--config configs/quickstart.yaml] [--actors 1,2]
            [--cot-samples 32] [--cores N] [--out benchmarks/results/stage1.json]
 Captions use the config's captioner (pixel statistics on CPU); CoT uses the config's model as
-generator and refiner, no judge. The machine's cores are split over the pool (num_cpus = cores / actors,
-and each actor generates with that many torch threads), so the pools compare at equal compute. rows/s is stored rows over the pool's wall time (actor start
-and engine load included); tokens/engine-s is generated tokens over the actors' batch time.
+generator and refiner, no judge. The machine's cores are split over the pool (num_cpus = cores /
+actors, and each actor generates with that many torch threads), so the pools compare at equal
+compute. rows/s is stored rows over the pool's wall time (actor start and engine load included);
+tokens/engine-s is generated tokens over the actors' batch time.
 """
 
 from __future__ import annotations
