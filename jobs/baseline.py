@@ -1,7 +1,10 @@
 """`mllmrec baseline`: train a classic baseline on training users and score a split.
 
-Usage: mllmrec baseline --data DIR --model pop|sasrec [--split test] [--candidates 10|100]
-                        --out FILE.json [--seed N] [--epochs N]
+Usage: mllmrec baseline --data DIR --model pop|sasrec|random|min-id [--split test] [--candidates 10|100]
+                        --out FILE.json [--seed N] [--epochs N] [--train-data windows|full] [--name NAME]
+
+pop and sasrec fit on the training samples' windows by default (the LLM's training
+data, SPEC section 1); `--train-data full` fits on every interaction of the training users.
 """
 
 from __future__ import annotations
@@ -14,10 +17,18 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="prepared data dir (samples/items/interactions)")
-    parser.add_argument("--model", required=True, choices=["pop", "sasrec"])
+    parser.add_argument("--model", required=True, choices=["pop", "sasrec", "random", "min-id", "collab"],
+                        help="collab = the prompt's collaborative evidence alone (mllmrec_ray.collab levels)")
+    parser.add_argument("--name", help="model name in the record (default: --model), e.g. sasrec-full")
+    parser.add_argument("--train-data", choices=["windows", "full"], default="windows",
+                        help="pop/sasrec fit on: windows = the training samples' windows, the data the LLM "
+                             "trains on (default); full = every interaction of the training users")
+    parser.add_argument("--collab", default="3,3,5", metavar="WINDOW,RECENT,LEVELS",
+                        help="collab: prompt.collab_window, collab_recent, collab_levels")
     parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
     parser.add_argument("--candidates", type=int, default=10, choices=[10, 100])
-    parser.add_argument("--out", required=True, help="evaluation record JSON to write")
+    parser.add_argument("--out", required=True, help="evaluation record JSON to write (the per-sample "
+                        "rankings go beside it, see evaluation.rankings_path)")
     parser.add_argument("--seed", type=int, default=0, help="training and bootstrap seed")
     parser.add_argument("--epochs", type=int, default=30,
                         help="SASRec max epochs (early stopping on valid usually ends sooner)")
@@ -29,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
-    from mllmrec_ray.evaluation import format_table, load_split, make_record, write_record
+    from mllmrec_ray.evaluation import (format_table, load_split, make_record, rankings_path, write_record,
+                                        write_rankings)
 
     data = Path(args.data)
     manifest_path = data / "manifest.json"
@@ -44,19 +56,56 @@ def main(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     extra: dict = {"seed": args.seed}
-    if args.model == "pop":
-        from mllmrec_ray.baselines.popularity import fit_popularity, rank_by_popularity
+    windows = None
+    if args.model in ("pop", "sasrec"):
+        extra["train_data"] = args.train_data
+        if args.train_data == "windows":
+            from mllmrec_ray.data.windows import training_sequences
 
-        counts = fit_popularity(interactions, train_users)
+            # user -> items of the user's training windows: the same data as the LLM's training samples
+            windows = training_sequences(pq.read_table(data / "samples.parquet",
+                                                       filters=[("split", "==", "train")]).to_pylist())
+            if not windows:
+                raise SystemExit(f"{data}/samples.parquet has no train samples to fit {args.model} on")
+    if args.model == "pop":
+        from mllmrec_ray.baselines.popularity import (fit_popularity, fit_popularity_sequences,
+                                                      rank_by_popularity)
+
+        counts = (fit_popularity(interactions, train_users) if windows is None
+                  else fit_popularity_sequences(windows))
         rankings = [rank_by_popularity(counts, c) for c in samples["candidates"]]
+    elif args.model == "random":
+        from mllmrec_ray.baselines.trivial import rank_random
+
+        rankings = [rank_random(c, args.seed, sid) for sid, c in zip(samples["sample_id"], samples["candidates"])]
+    elif args.model == "collab":
+        from mllmrec_ray.collab import fit_collab, rank_by_evidence
+        from mllmrec_ray.data.windows import training_sequences
+
+        try:
+            window, recent, levels = (int(v) for v in args.collab.split(","))
+        except ValueError:
+            raise SystemExit(f"error: --collab {args.collab!r}: expected WINDOW,RECENT,LEVELS (e.g. 3,3,5)")
+        train = pq.read_table(data / "samples.parquet", filters=[("split", "==", "train")]).to_pylist()
+        stats = fit_collab(training_sequences(train), items["item_id"].tolist(), window, recent, levels)
+        rankings = [rank_by_evidence(stats, h, c, u) for h, c, u in
+                    zip(samples["history"], samples["candidates"], samples["user_id"])]
+        extra.update(collab_window=window, collab_recent=recent, collab_levels=levels)
+    elif args.model == "min-id":
+        from mllmrec_ray.baselines.trivial import rank_min_id
+
+        rankings = [rank_min_id(c) for c in samples["candidates"]]
     else:
         from mllmrec_ray.baselines.sasrec import fit_sasrec
 
-        train = interactions[interactions["user_id"].isin(train_users)]
-        # Stable sort keeps the file order for equal timestamps (ML-100K has many);
-        # groupby keeps that order within each user.
-        train = train.sort_values("timestamp", kind="stable")
-        sequences = train.groupby("user_id", sort=True)["item_id"].apply(list).tolist()
+        if windows is not None:
+            sequences = [windows[u] for u in sorted(windows)]
+        else:
+            train = interactions[interactions["user_id"].isin(train_users)]
+            # Stable sort keeps the file order for equal timestamps (ML-100K has many);
+            # groupby keeps that order within each user.
+            train = train.sort_values("timestamp", kind="stable")
+            sequences = train.groupby("user_id", sort=True)["item_id"].apply(list).tolist()
         item_ids = sorted(set(items["item_id"]) | set(interactions["item_id"]))
         valid, _ = load_split(data, "valid", args.candidates)
         ranker = fit_sasrec(sequences, item_ids,
@@ -67,8 +116,10 @@ def main(args: argparse.Namespace) -> int:
         extra.update(ranker.info)
     extra["seconds"] = round(time.perf_counter() - t0, 2)
 
-    record = make_record(args.model, dataset, args.split, args.candidates, rankings,
+    record = make_record(args.name or args.model, dataset, args.split, args.candidates, rankings,
                          samples["target"].tolist(), extra=extra, seed=args.seed)
+    # rankings first: the record marks the stage complete, so its evidence must already exist
+    write_rankings(rankings_path(args.out), samples["sample_id"].tolist(), rankings)
     write_record(args.out, record)
     print(format_table([record]))
     print(f"wrote {args.out}")

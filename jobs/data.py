@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tie-break", choices=["file", "item"], default="item",
                    help="order of interactions with equal timestamps: item id (default: the same samples "
                         "whatever the source's row order) or file row order")
+    p.add_argument("--train-windows", choices=["last", "sliding"], default="last",
+                   help="last: one window per training user; sliding: also each training user's earlier "
+                        "windows (valid/test users always keep one last window)")
+    p.add_argument("--window-stride", type=int, default=1, help="sliding: items between consecutive targets")
+    p.add_argument("--max-windows-per-user", type=int, default=None,
+                   help="sliding: keep at most this many (most recent) windows per training user, last included")
     p.add_argument("--cache-dir", help="where ml-100k is fetched to (see data fetch)")
     parser.set_defaults(_data_parser=parser)
 
@@ -64,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
             args.out, dataset=args.dataset, fmt=args.fmt, path=args.path, columns=columns, images=args.images,
             seed=args.seed, min_inter=args.min_inter, negatives=args.negatives,
             negatives_large=args.negatives_large, split=[float(x) for x in args.split.split(",")],
-            tie_break=args.tie_break,
+            tie_break=args.tie_break, train_windows=args.train_windows, window_stride=args.window_stride,
+            max_windows_per_user=args.max_windows_per_user,
             cache_dir=args.cache_dir, name=args.name,
         )
         return 0

@@ -40,18 +40,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="prompts per scoring / generation batch")
     parser.add_argument("--cache-dir", default=None, help="model cache root")
     parser.add_argument("--seed", type=int, default=0, help="engine and bootstrap seed")
+    parser.add_argument("--config", help="pipeline YAML: prompt.collab* and eval.readout / eval.order_shuffles "
+                        "come from it (the flags below override)")
+    parser.add_argument("--readout", choices=["answer", "id", "calibrated"],
+                        help="score mode: what is scored (default eval.readout, else answer)")
+    parser.add_argument("--collab", choices=["on", "off"], help="collaborative evidence in the prompt "
+                        "(default prompt.collab, else off)")
+    parser.add_argument("--order-shuffles", type=int, help="also score the first --shuffle-samples samples with "
+                        "their candidate list shuffled N times and record the sensitivity")
+    parser.add_argument("--shuffle-samples", type=int, default=64)
+    parser.add_argument("--weights", default="merged", choices=["merged", "adapter"],
+                        help="hf scorer: the merged model dir, or its base + saved LoRA adapter unmerged (keeps "
+                             "updates that bf16 merging rounds away)")
 
 
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from mllmrec_ray.config import EngineConfig
-    from mllmrec_ray.evaluation import format_table, load_split, make_record, write_record
+    from mllmrec_ray.config import EngineConfig, PipelineConfig, load_config
+    from mllmrec_ray.evaluation import (format_table, load_split, make_record, rankings_path, write_rankings,
+                                        write_record)
     from mllmrec_ray.models import resolve_model
     from mllmrec_ray.parsing import parse_ranking
-    from mllmrec_ray.prompts import answer_text, render_prompt, sample_messages
-    from mllmrec_ray.run_data import load_items
-    from mllmrec_ray.scoring import answer_ids, rank_by_scores, ranking_messages
+    from mllmrec_ray.prompts import render_prompt, sample_messages
+    from mllmrec_ray.run_data import load_collab, load_items
+    from mllmrec_ray.scoring import rank_samples, ranking_messages
 
     data = Path(args.data)
     name = args.name or Path(args.model.rstrip("/")).name
@@ -65,6 +78,16 @@ def main(args: argparse.Namespace) -> int:
     manifest = json.loads((data / "manifest.json").read_text()) if (data / "manifest.json").exists() else {}
     dataset = manifest.get("dataset") or data.resolve().name
 
+    cfg = load_config(args.config) if args.config else PipelineConfig()
+    readout = args.readout or (cfg.eval.readout if args.config else "answer")
+    shuffles = args.order_shuffles if args.order_shuffles is not None else (cfg.eval.order_shuffles if args.config else 0)
+    if shuffles < 0:
+        raise SystemExit(f"error: --order-shuffles {shuffles} must be >= 0")
+    if args.collab is not None:
+        cfg.prompt.collab = args.collab == "on"
+    elif not args.config:
+        cfg.prompt.collab = False
+    collab = load_collab(data, cfg.prompt)
     model_path = resolve_model(args.model, args.cache_dir)
     samples, _ = load_split(data, args.split, args.candidates)
     if args.max_samples is not None:
@@ -89,28 +112,31 @@ def main(args: argparse.Namespace) -> int:
         else:
             from mllmrec_ray.scoring import HFScorer
 
-            scorer = HFScorer(model_path, dtype=args.dtype)
+            scorer = HFScorer(model_path, dtype=args.dtype, adapter=args.weights == "adapter")
             tokenizer = scorer.tokenizer
 
+    def messages_of(row: dict, without_history: bool = False) -> list[dict]:
+        # the target never reaches a prompt: only history and candidates are passed on
+        visible = {key: row[key] for key in ("sample_id", "user_id", "history", "candidates")}
+        return sample_messages(visible, items, with_captions=with_captions, think_first=args.think_first,
+                               n_candidates=args.candidates, collab=collab, without_history=without_history)
+
     def prompt_ids(row: dict, ranking: bool) -> list[int]:
-        messages = sample_messages(row, items, with_captions=with_captions, think_first=args.think_first,
-                                   n_candidates=args.candidates)
+        messages = messages_of(row)
         if ranking:
             messages = ranking_messages(messages, k)
         return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
+    titles = {i: it.get("title") for i, it in items.items()}
     rankings: list[list[str] | None] = []
     t0 = time.perf_counter()
     with tqdm(total=len(rows), desc=f"eval {name} ({args.mode})", unit="sample") as bar:
         for start in range(0, len(rows), args.batch):
             batch = rows[start:start + args.batch]
-            ids = [prompt_ids(r, args.mode == "generate") for r in batch]
             if args.mode == "score":
-                answers = [answer_ids(tokenizer, [answer_text(c, items[c]["title"]) for c in r["candidates"]])
-                           for r in batch]
-                for r, scores in zip(batch, scorer.score(ids, answers)):
-                    rankings.append(rank_by_scores(r["candidates"], scores))
+                rankings += rank_samples(scorer, tokenizer, batch, messages_of, titles, readout)[0]
             else:
+                ids = [prompt_ids(r, True) for r in batch]
                 groups = engine.generate(ids, n=1, temperature=0.0, top_p=1.0, max_tokens=24 * k)
                 for r, group in zip(batch, groups):
                     rankings.append(parse_ranking(group[0].text, r["candidates"], k))
@@ -121,13 +147,46 @@ def main(args: argparse.Namespace) -> int:
              "think_first": args.think_first, "dtype": args.dtype, "seconds": round(seconds, 2),
              "samples_per_s": round(len(rows) / seconds, 3) if seconds else None}
     if args.mode == "score":
-        extra["scorer"] = args.scorer
+        extra.update(scorer=args.scorer, readout=readout, collab=collab is not None, weights=args.weights)
+        if shuffles:
+            extra["order_sensitivity"] = order_sensitivity(scorer, tokenizer, rows[:args.shuffle_samples],
+                                                           messages_of, titles, readout, shuffles, args.seed,
+                                                           args.candidates)
         extra["candidates_per_s"] = round(len(rows) * args.candidates / seconds, 3) if seconds else None
     else:
         extra["top_k"] = k
     record = make_record(name, dataset, args.split, args.candidates, rankings, samples["target"].tolist(),
                          extra=extra, seed=args.seed)
+    # rankings first: the record marks the stage complete
+    write_rankings(rankings_path(out), samples["sample_id"].tolist(), rankings)
     write_record(out, record)
     print(format_table([record]))
     print(f"wrote {out}")
     return 0
+
+
+def order_sensitivity(scorer, tokenizer, rows: list[dict], messages_of, titles: dict, readout: str,
+                      shuffles: int, seed: int, n_candidates: int) -> dict:
+    """Metrics of the same samples scored with the candidate list in the prompt shuffled `shuffles` times.
+
+    A ranker that reads the evidence gives the same ranking whatever the order; position bias shows
+    as metrics that move and top-1 choices that change.
+    """
+    import random
+
+    from mllmrec_ray.evaluation import evaluate_rankings
+    from mllmrec_ray.scoring import rank_samples
+
+    targets = [r["target"] for r in rows]
+    base = rank_samples(scorer, tokenizer, rows, messages_of, titles, readout)[0]
+    out = {"shuffles": shuffles, "n": len(rows), "original": {}, "shuffled": [], "top1_agreement": []}
+    metrics = ("HR@3", "NDCG@3")
+    out["original"] = {m: round(v, 4) for m, v in evaluate_rankings(base, targets, n_candidates).items() if m in metrics}
+    rng = random.Random(seed)
+    for _ in range(shuffles):
+        moved = [{**r, "candidates": rng.sample(list(r["candidates"]), len(r["candidates"]))} for r in rows]
+        ranks = rank_samples(scorer, tokenizer, moved, messages_of, titles, readout)[0]
+        res = evaluate_rankings(ranks, targets, n_candidates)
+        out["shuffled"].append({m: round(res[m], 4) for m in metrics})
+        out["top1_agreement"].append(round(sum(a[0] == b[0] for a, b in zip(base, ranks)) / len(rows), 4))
+    return out

@@ -28,19 +28,23 @@ FAULT_ENV = "MLLMREC_FAULT_KILL_ROLLOUT_AT_STEP"
 def build_prompts(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, tokenizer) -> list[dict]:
     """Rendered GRPO prompts of the train split, with MDA-selected reasoning where present."""
     from mllmrec_ray.prompts import render_prompt, sample_messages
-    from mllmrec_ray.run_data import load_items, load_reasoning, load_samples
+    from mllmrec_ray.run_data import load_collab, load_items, load_reasoning, load_samples, pick_samples
 
     items = load_items(data_dir, stage1_dir / "captions.parquet" if cfg.prompt.with_captions else None)
+    collab = load_collab(data_dir, cfg.prompt)
     reasoning = load_reasoning(stage1_dir / "cot.parquet", stage1_dir / "mda.parquet", "selected_grpo",
                                cfg.stage1.cot_source)
     key = "candidates" if cfg.prompt.n_candidates == 10 else "candidates_100"
     budget = cfg.model.engine.max_model_len - cfg.grpo.max_new_tokens
     prompts = []
-    for s in load_samples(data_dir, "train"):
+    samples = load_samples(data_dir, "train")
+    if cfg.grpo.max_prompts is not None and cfg.grpo.max_prompts < len(samples):
+        samples = pick_samples(samples, set(reasoning), cfg.grpo.max_prompts, cfg.grpo.seed)
+    for s in samples:
         messages = sample_messages(
             {k: v for k, v in s.items() if k != "target"}, items, reasoning=reasoning.get(s["sample_id"]),
             with_captions=cfg.prompt.with_captions, think_first=cfg.prompt.think_first,
-            n_candidates=cfg.prompt.n_candidates)
+            n_candidates=cfg.prompt.n_candidates, collab=collab)
         text = render_prompt(tokenizer, messages)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > budget:
@@ -219,6 +223,8 @@ class Controller:
                 "reward_std": float(rewards.std(unbiased=False)),
                 "hit_rate": sum(r["hit"] for r in responses) / len(responses),
                 "valid_rate": sum(r["well_formed"] for r in responses) / len(responses),
+                # groups whose rewards are all equal have zero advantage: they carry no gradient
+                "zero_var_groups": float((rewards.max(dim=1).values == rewards.min(dim=1).values).float().mean()),
                 "kl": stats.get("kl"), "loss": stats.get("loss"), "clip_frac": stats.get("clip_frac"),
                 "response_len": sum(len(r["token_ids"]) for r in responses) / len(responses),
                 "rollout_tok_s": tok_s, "sync_s": sync_s, "learner_s": stats.get("seconds"),
@@ -233,7 +239,7 @@ class Controller:
             writer.flush()
             first = first or row
             print(f"[grpo] step {step}/{g.steps} reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} "
-                  f"hit {row['hit_rate']:.2f} valid {row['valid_rate']:.2f} kl {row['kl'] or 0:.4f} "
+                  f"hit {row['hit_rate']:.2f} valid {row['valid_rate']:.2f} zero-var {row['zero_var_groups']:.2f} kl {row['kl'] or 0:.4f} "
                   f"loss {row['loss'] or 0:.4f} rollout {tok_s:.0f} tok/s sync {sync_s:.2f}s step {row['step_s']:.1f}s",
                   flush=True)
             if g.checkpoint_every and (step % g.checkpoint_every == 0 or step == g.steps):

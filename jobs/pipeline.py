@@ -40,13 +40,35 @@ def plan(cfg: PipelineConfig, config_path: Path, run_dir: Path) -> list[tuple[st
     stages: list[tuple[str, list[str], Path | None]] = [
         ("prepare", ["data", "prepare", *source, "--out", str(data), *images, "--seed", str(d.seed),
                      "--min-inter", str(d.min_inter), "--negatives", str(d.negatives),
-                     "--negatives-large", str(d.negatives_large)], data / "manifest.json"),
+                     "--negatives-large", str(d.negatives_large), "--train-windows", d.train_windows,
+                     "--window-stride", str(d.window_stride),
+                     *(["--max-windows-per-user", str(d.max_windows_per_user)]
+                       if d.max_windows_per_user is not None else [])], data / "manifest.json"),
     ]
     for baseline in ("pop", "sasrec"):
         if baseline in cfg.eval.models:
             stages.append((baseline, ["baseline", "--data", str(data), "--model", baseline, "--split", cfg.eval.split,
                                       "--candidates", str(cfg.prompt.n_candidates), "--seed", str(d.seed), "--max-seconds", "0",
                                       "--out", str(evals / f"{baseline}.json")], evals / f"{baseline}.json"))
+    if "sasrec" in cfg.eval.models:
+        # the labelled extra row: SASRec on the training users' full sequences, not the shared windows
+        stages.append(("sasrec-full", ["baseline", "--data", str(data), "--model", "sasrec", "--name", "sasrec-full",
+                                       "--train-data", "full", "--split", cfg.eval.split,
+                                       "--candidates", str(cfg.prompt.n_candidates), "--seed", str(d.seed),
+                                       "--max-seconds", "0", "--out", str(evals / "sasrec-full.json")],
+                       evals / "sasrec-full.json"))
+    # trivial rankers (chance level, id shortcut) as rows beside the baselines; they train nothing
+    for trivial in ("random", "min-id"):
+        if trivial in cfg.eval.models:
+            stages.append((trivial, ["baseline", "--data", str(data), "--model", trivial, "--split", cfg.eval.split,
+                                     "--candidates", str(cfg.prompt.n_candidates), "--seed", str(d.seed),
+                                     "--out", str(evals / f"{trivial}.json")], evals / f"{trivial}.json"))
+    if "collab" in cfg.eval.models:
+        pc = cfg.prompt  # the prompt's evidence alone, at the levels the LLM sees
+        stages.append(("collab", ["baseline", "--data", str(data), "--model", "collab", "--split", cfg.eval.split,
+                                  "--candidates", str(cfg.prompt.n_candidates), "--seed", str(d.seed),
+                                  "--collab", f"{pc.collab_window},{pc.collab_recent},{pc.collab_levels}",
+                                  "--out", str(evals / "collab.json")], evals / "collab.json"))
     stages += [
         ("textualize", ["textualize", "--data", str(data), "--out", str(stage1), *conf], stage1 / "captions.parquet"),
         ("cot", ["cot", "--data", str(data), "--stage1", str(stage1), *conf], stage1 / "cot.parquet"),
@@ -65,7 +87,10 @@ def plan(cfg: PipelineConfig, config_path: Path, run_dir: Path) -> list[tuple[st
             stages.append((f"eval-{name}", ["eval", "--data", str(data), "--model", model, "--name", name,
                                             "--split", cfg.eval.split, "--candidates", str(cfg.prompt.n_candidates),
                                             "--mode", cfg.eval.mode, *shape, "--dtype", cfg.model.engine.dtype,
-                                            "--seed", str(d.seed), "--out", str(evals / f"{name}.json"),
+                                            "--seed", str(d.seed), "--out", str(evals / f"{name}.json"), *conf,
+                                            # GRPO's small update would be rounded away by the bf16 merge:
+                                            # its base (the merged SFT model) + its adapter, unmerged
+                                            *(["--weights", "adapter"] if name == "grpo" else []),
                                             *(["--max-samples", str(cfg.eval.max_samples)]
                                               if cfg.eval.max_samples else [])],
                            evals / f"{name}.json"))

@@ -51,7 +51,7 @@ def train_loop(config: dict) -> None:
 
     from mllmrec_ray.config import LoraConfig, SFTConfig, from_dict
     from mllmrec_ray.policy import build_policy, deepspeed_engine, load_tokenizer, save_merged
-    from mllmrec_ray.sft_data import collate
+    from mllmrec_ray.sft_data import collate, completion_loss
 
     # Ray Train tees a patched print() into its logger too (every line twice) and logs each
     # report at INFO: print to the raw stdout (forwarded once) and keep only Train's warnings.
@@ -92,7 +92,7 @@ def train_loop(config: dict) -> None:
         mine = order[: per_rank * world][rank::world]
         for i in range(0, len(mine), sft.micro_batch_size):
             batch = collate([examples[j] for j in mine[i : i + sft.micro_batch_size]], tokenizer.pad_token_id)
-            loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+            loss = completion_loss(engine, {k: v.to(engine.device) for k, v in batch.items()})
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -134,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
     from mllmrec_ray.config import PipelineConfig, load_config
     from mllmrec_ray.models import resolve_model
     from mllmrec_ray.policy import MERGED_MARKER, is_complete, load_tokenizer
-    from mllmrec_ray.run_data import load_items, load_reasoning, load_samples
+    from mllmrec_ray.run_data import load_collab, load_items, load_reasoning, load_samples, pick_samples
     from mllmrec_ray.sft_data import sft_texts, tokenize_example
 
     cfg = load_config(args.config) if args.config else PipelineConfig()
@@ -162,13 +162,12 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model_path)
     items = load_items(args.data, captions if cfg.prompt.with_captions else None)
     samples = load_samples(args.data, "train")
-    if sft.max_samples is not None:
-        samples = samples[: sft.max_samples]
-    if not samples:
-        raise SystemExit(f"{args.data}/samples.parquet has no train samples")
     reasoning = load_reasoning(cot, mda, "selected_sft", cfg.stage1.cot_source)
+    if sft.max_samples is not None and sft.max_samples < len(samples):
+        samples = pick_samples(samples, set(reasoning), sft.max_samples, sft.seed)
     texts = sft_texts(samples, items, tokenizer, reasoning, with_captions=cfg.prompt.with_captions,
-                      think_first=cfg.prompt.think_first, n_candidates=cfg.prompt.n_candidates)
+                      think_first=cfg.prompt.think_first, n_candidates=cfg.prompt.n_candidates,
+                      collab=load_collab(args.data, cfg.prompt))
     examples, tokenized, dropped, truncated = [], [], 0, 0
     for t in texts:
         ex = tokenize_example(tokenizer, t["prompt"], t["answer"], sft.max_len, sft.completion_only)

@@ -31,6 +31,12 @@ class DataConfig:
         min_inter: window length (history = min_inter-1 items, target = last).
         negatives / negatives_large: negatives in the 10- and 100-candidate lists.
         seed: split and negative sampling seed.
+    Training windows (valid/test users always keep their single last window):
+        train_windows: `last` = one window per training user (the paper); `sliding` adds
+            each training user's earlier windows, targets `window_stride` items apart.
+        window_stride: distance between the targets of consecutive sliding windows (>= 1).
+        max_windows_per_user: cap on a training user's windows, the last one included;
+            the most recent are kept. None = no cap.
     """
 
     dataset: str | None = "ml-100k"
@@ -42,6 +48,16 @@ class DataConfig:
     negatives: int = 9
     negatives_large: int = 99
     seed: int = 42
+    train_windows: Literal["last", "sliding"] = "last"
+    window_stride: int = 1
+    max_windows_per_user: int | None = None
+
+    def __post_init__(self):
+        # types are checked by from_dict; ranges here, named like the YAML keys
+        if self.window_stride < 1:
+            raise ConfigError(f"data.window_stride: {self.window_stride!r} must be >= 1")
+        if self.max_windows_per_user is not None and self.max_windows_per_user < 1:
+            raise ConfigError(f"data.max_windows_per_user: {self.max_windows_per_user!r} must be >= 1 or null")
 
 
 @dataclass
@@ -94,11 +110,29 @@ class ModelConfig:
 
 @dataclass
 class PromptConfig:
-    """Prompt shape (SPEC section 4)."""
+    """Prompt shape (SPEC section 4).
+
+    with_captions: history lines carry the item's Stage I caption.
+    think_first: the answer grammar (`<think>` before or after the answer line).
+    collab: per candidate, collaborative evidence from training users' windows (popularity and
+        follows-your-recent-items levels, `mllmrec_ray.collab`); collab_window / collab_recent /
+        collab_levels shape it.
+    """
 
     with_captions: bool = True
     think_first: bool = False
     n_candidates: Literal[10, 100] = 10
+    collab: bool = False
+    collab_window: int = 3
+    collab_recent: int = 3
+    collab_levels: int = 5
+
+    def __post_init__(self):
+        for key in ("collab_window", "collab_recent"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"prompt.{key}: {getattr(self, key)!r} must be >= 1")
+        if self.collab_levels < 2:
+            raise ConfigError(f"prompt.collab_levels: {self.collab_levels!r} must be >= 2")
 
 
 @dataclass
@@ -132,7 +166,9 @@ class GRPOConfig:
     Sampling: group_size G, temperature, top_p, max_new_tokens.
     Objective: clip_eps, beta (k3 KL to the SFT reference), std_normalize advantages,
         loss_agg (`seq_mean_token_mean` = paper, or `token_mean`).
-    Schedule: steps, prompts_per_step, epochs over the train prompts, lr, inner updates per step.
+    Schedule: steps, prompts_per_step, epochs over the train prompts, lr, inner updates per step;
+        max_prompts caps the prompt pool (MDA-selected samples first, then a seeded random fill;
+        sliding windows make tens of thousands of train samples).
     Learner: micro_batch_size responses to one prompt per forward (the prompt runs once, its
         KV cache shared by the group), zero_stage, bf16.
     Scale: rollout_actors N vLLM actors with `rollout_resources`; one learner with
@@ -150,6 +186,7 @@ class GRPOConfig:
     loss_agg: Literal["seq_mean_token_mean", "token_mean"] = "seq_mean_token_mean"
     steps: int = 10
     prompts_per_step: int = 4
+    max_prompts: int | None = None
     lr: float = 1e-5
     updates_per_step: int = 1
     micro_batch_size: int = 8
@@ -169,14 +206,30 @@ class GRPOConfig:
 class EvalConfig:
     """LLM evaluation: `score` ranks candidates by answer log-likelihood; `generate` parses a top-K list.
 
+    readout (score mode): `answer` = log p([ITEM_<id>] <title> | prompt); `id` = log p(<id>] | prompt
+        + "[ITEM_"), the choice without the title's string prior; `calibrated` = the id score minus
+        the same score under the prompt without the history.
+    order_shuffles: also score each sample with its candidate list shuffled this many times and
+        record how much the metrics move (sensitivity to candidate order).
+
     max_samples: LLM rows on the first N samples of the split only (smoke runs); the
         baselines always use the whole split, and the results table's `n` column says which.
     """
 
     mode: Literal["score", "generate"] = "score"
+    readout: Literal["answer", "id", "calibrated"] = "answer"
+    order_shuffles: int = 0
     split: Literal["train", "valid", "test"] = "test"
     max_samples: int | None = None
     models: list[str] = field(default_factory=lambda: ["base", "sft", "grpo", "pop", "sasrec"])
+
+    def __post_init__(self):
+        if self.order_shuffles < 0:
+            raise ConfigError(f"eval.order_shuffles: {self.order_shuffles!r} must be >= 0")
+        known = {"base", "sft", "grpo", "pop", "sasrec", "collab", "random", "min-id"}
+        unknown = [m for m in self.models if m not in known]
+        if unknown:
+            raise ConfigError(f"eval.models: {unknown[0]!r} is not one of {sorted(known)}")
 
 
 @dataclass

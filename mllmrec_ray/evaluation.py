@@ -99,6 +99,95 @@ def write_record(path: str | os.PathLike, record: dict) -> Path:
     return atomic_write_json(path, record)
 
 
+RANKINGS_SUFFIX = ".rankings.parquet"
+
+
+def rankings_path(record_path: str | os.PathLike) -> Path:
+    """The rankings file beside a record: eval/pop.json -> eval/pop.rankings.parquet."""
+    record_path = Path(record_path)
+    if record_path.suffix != ".json":
+        raise ValueError(f"record path {record_path} does not end in .json")
+    return record_path.with_name(record_path.name[: -len(".json")] + RANKINGS_SUFFIX)
+
+
+def write_rankings(
+    path: str | os.PathLike, sample_ids: Sequence[str], rankings: Sequence[Sequence[str] | None]
+) -> Path:
+    """Write per-sample rankings (`sample_id`, `ranking` best first; null = invalid answer) atomically."""
+    import pyarrow as pa
+
+    from mllmrec_ray.io import atomic_write_parquet
+
+    sample_ids = [str(s) for s in sample_ids]
+    if len(sample_ids) != len(rankings):
+        raise ValueError(f"{path}: {len(sample_ids)} sample ids for {len(rankings)} rankings")
+    if len(set(sample_ids)) != len(sample_ids):
+        dup = next(s for s in sample_ids if sample_ids.count(s) > 1)
+        raise ValueError(f"{path}: sample_id {dup!r} appears more than once")
+    table = pa.table(
+        {
+            "sample_id": pa.array(sample_ids, pa.string()),
+            # None stays null (a miss), never an empty list: the two must not be confused on reading
+            "ranking": pa.array([None if r is None else [str(i) for i in r] for r in rankings],
+                                pa.list_(pa.string())),
+        }
+    )
+    return atomic_write_parquet(table, path)
+
+
+def read_rankings(path: str | os.PathLike) -> tuple[list[str], list[list[str] | None]]:
+    """(sample_ids, rankings) from a file written by `write_rankings`."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    missing = {"sample_id", "ranking"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: not a rankings file (missing columns {sorted(missing)})")
+    return table.column("sample_id").to_pylist(), table.column("ranking").to_pylist()
+
+
+def check_rankings(
+    record: dict,
+    sample_ids: Sequence[str],
+    rankings: Sequence[Sequence[str] | None],
+    samples,
+    source: str = "rankings",
+    tol: float = 1e-9,
+) -> dict:
+    """Per-sample metric arrays of saved rankings, after checking they reproduce `record`.
+
+    `samples` is the record's split from `load_split`. Every sample id must belong to
+    it, every ranking may only hold distinct candidate ids of its sample (a top-K list
+    from generate mode is shorter than the candidate list), and the recomputed means,
+    n and valid_ratio must equal the record's within `tol`. Errors name `source`.
+    """
+    from mllmrec_ray.metrics import per_sample
+
+    by_id = {sid: (t, c) for sid, t, c in zip(samples["sample_id"], samples["target"], samples["candidates"])}
+    if not rankings:
+        raise ValueError(f"{source}: no rankings")
+    if len(rankings) != record.get("n"):
+        raise ValueError(f"{source}: {len(rankings)} rankings but the record says n={record.get('n')}")
+    if len(set(sample_ids)) != len(sample_ids):
+        raise ValueError(f"{source}: duplicate sample ids")
+    targets = []
+    for sid, ranking in zip(sample_ids, rankings):
+        if sid not in by_id:
+            raise ValueError(f"{source}: sample_id {sid!r} is not in the {record.get('split')} split")
+        target, cands = by_id[sid]
+        if ranking is not None and (len(set(ranking)) != len(ranking) or not set(ranking) <= set(cands)):
+            raise ValueError(f"{source}: ranking of {sid!r} is not distinct candidate ids: {list(ranking)}")
+        targets.append(target)
+    values = per_sample(rankings, targets, ks_for(int(record["candidates"])))
+    recomputed = {m: float(v.mean()) for m, v in values.items()}
+    recomputed["valid_ratio"] = sum(r is not None for r in rankings) / len(rankings)
+    for name, value in recomputed.items():
+        if name in record and abs(float(record[name]) - value) > tol:
+            raise ValueError(f"{source}: {name} recomputed from the rankings is {value:.10f}, "
+                             f"the record says {record[name]}")
+    return values
+
+
 def format_table(records: Sequence[dict]) -> str:
     """Markdown table, one row per record, cells like `0.6543 [0.59,0.72]`."""
     metrics: list[str] = []

@@ -27,6 +27,12 @@ _TAG_CHARS = str.maketrans({"[": "(", "]": ")", "<": "(", ">": ")"})
 _WS = re.compile(r"\s+")
 
 
+COLLAB_LEGEND = (
+    "Evidence from other users: how popular each candidate is, and how many users watched it "
+    "soon after the last items this user watched (higher means more likely)."
+)
+
+
 def clean_text(text: str | None) -> str | None:
     """One-line, tag-free rendering of untrusted text (titles, captions); None stays None."""
     if text is None:
@@ -64,6 +70,7 @@ def build_messages(
     with_captions: bool = False,
     think_first: bool = False,
     system: str | None = None,
+    evidence: Sequence[str] | None = None,
 ) -> list[dict]:
     """Chat messages for one recommendation prompt.
 
@@ -71,6 +78,7 @@ def build_messages(
     The system message is the role statement (i); the user message holds (ii) the recently
     watched list, (iii) the candidate list, (iv) the reference reasoning when given and
     (v) the output constraint. No argument carries the target, so no prompt can reveal it.
+    evidence: one collaborative-evidence text per candidate (`mllmrec_ray.collab`), appended to its line.
     """
     lines = ["The user recently watched these items (oldest first):"]
     for n, it in enumerate(history, 1):
@@ -79,9 +87,19 @@ def build_messages(
         if with_captions and caption:  # empty captions add nothing but noise
             line += f" — {caption}"
         lines.append(line)
-    lines += ["", "Candidate items:"]
+    lines += [""]
+    if evidence is not None:
+        if len(evidence) != len(candidates):
+            raise ValueError(f"{len(evidence)} evidence texts for {len(candidates)} candidates")
+        lines += [COLLAB_LEGEND]
+    lines += ["Candidate items:"]
     # Candidates carry no caption: the paper's prompt lists candidates by tag and title.
-    lines += [answer_text(str(it["item_id"]), it.get("title")) for it in candidates]
+    cand_lines = [answer_text(str(it["item_id"]), it.get("title")) for it in candidates]
+    if evidence is not None:
+        # evidence before the tag: in a causal LM the id tokens can then see their own line's
+        # evidence, so choosing an id is one attention step (after the title it needs two)
+        cand_lines = [f"{clean_text(e)} {line}" for line, e in zip(cand_lines, evidence)]
+    lines += cand_lines
     if reasoning is not None:
         lines += ["", "Reference reasoning about this user's preferences:", reasoning.strip()]
     lines += ["", _output_constraint(think_first)]
@@ -113,11 +131,21 @@ def sample_messages(
     with_captions: bool = False,
     think_first: bool = False,
     n_candidates: int = 10,
+    collab=None,
+    without_history: bool = False,
 ) -> list[dict]:
-    """Messages for a samples.parquet row. Never reads ``sample["target"]`` (leak-proof by construction)."""
-    history = [_item_dict(str(i), items) for i in sample["history"]]
-    cands = [_item_dict(i, items) for i in _candidate_ids(sample, n_candidates)]
-    return build_messages(history, cands, reasoning, with_captions, think_first)
+    """Messages for a samples.parquet row. Never reads ``sample["target"]`` (leak-proof by construction).
+
+    collab: `mllmrec_ray.collab.CollabStats` adds evidence per candidate (the sample's own user
+        left out of the statistics). without_history: the same prompt with an empty history
+        (the reference prompt of the calibrated readout).
+    """
+    history_ids = [] if without_history else [str(i) for i in sample["history"]]
+    history = [_item_dict(i, items) for i in history_ids]
+    cand_ids = _candidate_ids(sample, n_candidates)
+    cands = [_item_dict(i, items) for i in cand_ids]
+    evidence = None if collab is None else collab.texts(history_ids, cand_ids, sample.get("user_id"))
+    return build_messages(history, cands, reasoning, with_captions, think_first, evidence=evidence)
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:

@@ -31,6 +31,21 @@ def load_samples(data_dir: str | os.PathLike, split: str) -> list[dict]:
     return table.to_pylist()
 
 
+def pick_samples(samples: list[dict], must: set[str], n: int, seed: int) -> list[dict]:
+    """`n` training samples: every MDA-selected (CoT) sample first, then a seeded random fill.
+
+    A random subset alone would drop the few CoT samples (the demo's 96 of 660 held none of its 2),
+    and with sliding windows the file lists one user's windows together, so no prefix either.
+    SFT and GRPO both pick their samples with it.
+    """
+    import random
+
+    first = [i for i, s in enumerate(samples) if s["sample_id"] in must][:n]
+    rest = [i for i, s in enumerate(samples) if s["sample_id"] not in must]
+    keep = first + random.Random(seed).sample(rest, min(len(rest), n - len(first)))
+    return [samples[i] for i in sorted(keep)]
+
+
 def load_reasoning(
     cot: str | os.PathLike | None,
     mda: str | os.PathLike | None,
@@ -56,3 +71,23 @@ def load_reasoning(
         if r["sample_id"] in selected and r[column]:
             texts[r["sample_id"]] = r[column]
     return texts
+
+
+def load_collab(data_dir: str | os.PathLike, prompt_cfg) -> "object | None":
+    """`CollabStats` from the training windows of a prepared data dir when `prompt.collab` is on, else None.
+
+    Built from samples.parquet's train split only (`training_sequences`), so every stage that
+    builds prompts (SFT, GRPO, eval, serving) sees the same evidence.
+    """
+    if not getattr(prompt_cfg, "collab", False):
+        return None
+    import pyarrow.parquet as pq
+
+    from mllmrec_ray.collab import fit_collab
+    from mllmrec_ray.data.windows import training_sequences
+
+    data_dir = Path(data_dir)
+    train = pq.read_table(data_dir / "samples.parquet", filters=[("split", "==", "train")]).to_pylist()
+    catalogue = pq.read_table(data_dir / "items.parquet", columns=["item_id"]).column("item_id").to_pylist()
+    return fit_collab(training_sequences(train), catalogue, window=prompt_cfg.collab_window,
+                      recent=prompt_cfg.collab_recent, levels=prompt_cfg.collab_levels)

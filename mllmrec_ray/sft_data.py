@@ -25,6 +25,7 @@ def sft_texts(
     with_captions: bool = False,
     think_first: bool = False,
     n_candidates: int = 10,
+    collab=None,
 ) -> list[dict]:
     """One {"sample_id", "prompt", "answer", "has_reasoning"} per sample (answer without EOS)."""
     reasoning = reasoning or {}
@@ -32,7 +33,7 @@ def sft_texts(
     for s in samples:
         text = reasoning.get(s["sample_id"])
         messages = sample_messages(s, items, reasoning=text, with_captions=with_captions,
-                                   think_first=think_first, n_candidates=n_candidates)
+                                   think_first=think_first, n_candidates=n_candidates, collab=collab)
         out.append({
             "sample_id": s["sample_id"],
             "prompt": render_prompt(tokenizer, messages),
@@ -75,3 +76,23 @@ def collate(examples: Sequence[Mapping], pad_id: int) -> dict[str, torch.Tensor]
         attention_mask[i, :k] = 1
         labels[i, :k] = torch.tensor(e["labels"])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def completion_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the labelled tokens, projecting to the vocabulary only where a label is.
+
+    The same value as the model's own `labels=` loss, but with completion-only labels the answer is
+    ~10 of ~600 positions: a 49k-entry vocabulary projection (and its fp32 softmax) at every prompt
+    position was most of the memory traffic of an SFT step on CPU. `logits_to_keep` takes the union
+    of labelled positions over the micro-batch, so it goes through the model's (and DeepSpeed's)
+    own forward.
+    """
+    labels = batch["labels"]
+    keep = (labels[:, 1:] != IGNORE).any(0).nonzero()[:, 0]  # positions whose next token is labelled
+    if len(keep) == 0:
+        raise ValueError("a micro-batch with no labelled token")
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=keep).logits
+    targets = labels[:, keep + 1]
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE)

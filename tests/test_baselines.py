@@ -9,6 +9,8 @@ import torch
 
 from mllmrec_ray.baselines.popularity import fit_popularity, rank_by_popularity
 from mllmrec_ray.baselines.sasrec import fit_sasrec
+from mllmrec_ray.baselines.trivial import rank_min_id, rank_random
+from mllmrec_ray.evaluation import check_rankings, load_split, rankings_path, read_rankings
 from mllmrec_ray.io import atomic_write_json, atomic_write_parquet
 from mllmrec_ray.metrics import per_sample
 
@@ -83,7 +85,7 @@ def test_baseline_cli_writes_record(tmp_path):
     atomic_write_parquet(pa.Table.from_pylist(inter), tmp_path / "interactions.parquet")
     atomic_write_parquet(pa.table({"item_id": ITEMS, "title": ITEMS}), tmp_path / "items.parquet")
     atomic_write_json(tmp_path / "manifest.json", {"dataset": "cycle"})
-    for model in ("pop", "sasrec"):
+    for model in ("pop", "sasrec", "random", "min-id"):
         out = tmp_path / "eval" / f"{model}.json"
         proc = subprocess.run(
             [sys.executable, "-m", "mllmrec_ray.cli", "baseline", "--data", str(tmp_path),
@@ -94,3 +96,26 @@ def test_baseline_cli_writes_record(tmp_path):
         assert rec["model"] == model and rec["dataset"] == "cycle" and rec["n"] == 12
         assert rec["split"] == "test" and rec["candidates"] == 10 and rec["valid_ratio"] == 1.0
         assert "| " + model in proc.stdout
+        # the rankings beside the record reproduce it, one full permutation per test sample
+        ids, rankings = read_rankings(rankings_path(out))
+        samples, _ = load_split(tmp_path, "test")
+        check_rankings(rec, ids, rankings, samples, source=model)
+        assert ids == samples["sample_id"].tolist()
+        assert all(sorted(r) == sorted(c) for r, c in zip(rankings, samples["candidates"]))
+
+
+def test_min_id_ranks_numeric_ids_by_value_then_text():
+    assert rank_min_id(["10", "2", "1682", "33"]) == ["2", "10", "33", "1682"]
+    # non-numeric ids after every numeric one, in text order; "7" and "007" tie on value
+    assert rank_min_id(["b", "10", "a7", "007", "7", "-1"]) == ["007", "7", "10", "-1", "a7", "b"]
+
+
+def test_random_ranking_is_a_seeded_permutation():
+    cands = [str(i) for i in range(10)]
+    r = rank_random(cands, seed=3, key="u1")
+    assert sorted(r) == sorted(cands)
+    assert r == rank_random(cands, seed=3, key="u1")  # same seed and sample: same order
+    assert cands == [str(i) for i in range(10)]  # the input list is not shuffled in place
+    others = {tuple(rank_random(cands, seed=s, key="u1")) for s in range(20)}
+    assert len(others) > 15  # the seed changes the order
+    assert rank_random(cands, seed=3, key="u2") != r

@@ -74,3 +74,46 @@ def test_ranking_and_prompts(tiny_llama):
     assert ranked[-1]["content"].split("\n\n")[:-1] == messages[-1]["content"].split("\n\n")[:-1]
     with pytest.raises(ValueError):
         ranking_messages([{"role": "user", "content": "no constraint"}], 2)
+
+
+def test_id_and_calibrated_readouts_equal_a_hand_computation(tiny_llama):
+    """id = log p(<id>] | prompt + "[ITEM_"); calibrated = that minus the same under the history-free prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mllmrec_ray.scoring import rank_samples, readout_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    items = {"7": {"title": "Heat"}, "42": {"title": "Star Wars"}, "1234": {"title": "Alien"}, "12": {"title": "Toy Story"}}
+    row = {"sample_id": "u1", "history": ["12"], "candidates": ["7", "42", "1234"]}
+
+    def messages_of(r, without_history=False):
+        hist = [] if without_history else [{"item_id": i, "title": items[i]["title"]} for i in r["history"]]
+        return build_messages(hist, [{"item_id": c, "title": items[c]["title"]} for c in r["candidates"]])
+
+    def by_hand(without_history):
+        prompt = tok(render_prompt(tok, messages_of(row, without_history)), add_special_tokens=False)["input_ids"]
+        out = []
+        for c in row["candidates"]:
+            full = tok(f"[ITEM_{c}]", add_special_tokens=False)["input_ids"]
+            shared = tok("[ITEM_", add_special_tokens=False)["input_ids"]
+            assert full[:len(shared)] == shared  # this tokenizer splits after the underscore
+            out.append(_naive(model, prompt + shared, [full[len(shared):]])[0])
+        return out
+
+    extra, ans = readout_tokens(tok, row["candidates"], [items[c]["title"] for c in row["candidates"]], "id")
+    assert [extra + a for a in ans] == [tok(f"[ITEM_{c}]", add_special_tokens=False)["input_ids"]
+                                        for c in row["candidates"]]
+    scorer = HFScorer(str(tiny_llama), dtype="float32")
+    titles = {k: v["title"] for k, v in items.items()}
+    _, got_id = rank_samples(scorer, tok, [row], messages_of, titles, "id")
+    _, got_cal = rank_samples(scorer, tok, [row], messages_of, titles, "calibrated")
+    _, got_ans = rank_samples(scorer, tok, [row], messages_of, titles, "answer")
+    with_h, without_h = by_hand(False), by_hand(True)
+    assert got_id[0] == pytest.approx(with_h, abs=1e-3)
+    assert got_cal[0] == pytest.approx([a - b for a, b in zip(with_h, without_h)], abs=1e-3)
+    prompt = tok(render_prompt(tok, messages_of(row)), add_special_tokens=False)["input_ids"]
+    assert got_ans[0] == pytest.approx(_naive(model, prompt, answer_ids(tok, [answer_text(c, items[c]["title"])
+                                                                              for c in row["candidates"]])), abs=1e-3)
+    with pytest.raises(ValueError, match="readout"):
+        readout_tokens(tok, ["7"], ["Heat"], "title")

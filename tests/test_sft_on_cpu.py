@@ -57,6 +57,33 @@ def test_completion_only_labels_mask_exactly_the_prompt(tiny):
     assert (batch["labels"][1, len(cut["input_ids"]) :] == IGNORE).all()
 
 
+def test_completion_loss_equals_the_models_own_loss_in_value_and_gradient(tiny):
+    """Vocabulary projection only at labelled positions: same loss and LoRA gradients as `labels=`."""
+    from mllmrec_ray.config import LoraConfig
+    from mllmrec_ray.policy import build_policy
+    from mllmrec_ray.sft_data import completion_loss
+
+    tok = load_tokenizer(tiny)
+    texts = sft_texts(_samples(3), ITEMS, tok)
+    exs = [tokenize_example(tok, t["prompt"], t["answer"] + " extra" * i, max_len=4096) for i, t in enumerate(texts)]
+    batch = collate(exs, tok.pad_token_id)
+    grads = []
+    for fn in (lambda m: m(**batch).loss, lambda m: completion_loss(m, batch)):
+        torch.manual_seed(0)
+        model = build_policy(tiny, LoraConfig(r=4, alpha=8, dropout=0.0), dtype=torch.float32)
+        for n, p in model.named_parameters():  # B = 0 at init would make every gradient of A zero
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+        loss = fn(model)
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref, g_ref), (got, g_got) = grads
+    assert got == pytest.approx(ref, rel=1e-5)
+    assert g_ref.keys() == g_got.keys() and len(g_ref) > 0
+    for n in g_ref:
+        assert torch.allclose(g_ref[n], g_got[n], atol=1e-6, rtol=1e-4), n
+
+
 def test_reasoning_only_for_selected_samples(tiny):
     tok = load_tokenizer(tiny)
     texts = sft_texts(_samples(3), ITEMS, tok, reasoning={"u1": "Step 1: likes films."})

@@ -1,1 +1,1 @@
-"""Classic baselines scored on the stored candidate lists: popularity and SASRec."""
+"""Baselines scored on the stored candidate lists: popularity, SASRec and trivial rankers (random, min-id)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 
 def fit_popularity(interactions, train_users: Iterable[str]) -> Counter:
@@ -14,6 +14,15 @@ def fit_popularity(interactions, train_users: Iterable[str]) -> Counter:
     """
     train = interactions[interactions["user_id"].isin(set(train_users))]
     return Counter(train["item_id"].tolist())
+
+
+def fit_popularity_sequences(sequences: Mapping[str, Sequence[str]]) -> Counter:
+    """Number of users whose sequence holds each item: each (user, item) counts once.
+
+    `sequences` is user -> items, e.g. `data.windows.training_sequences` of the train
+    samples, so Popularity learns from exactly the windows the LLM trains on.
+    """
+    return Counter(item for items in sequences.values() for item in set(items))
 
 
 def rank_by_popularity(counts: Counter, candidates: Sequence[str]) -> list[str]:

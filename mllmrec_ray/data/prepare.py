@@ -31,7 +31,8 @@ SCHEMAS = {
                                ("timestamp", pa.int64()), ("rating", pa.float64())]),
     "samples": pa.schema([("sample_id", pa.string()), ("user_id", pa.string()), ("split", pa.string()),
                           ("history", pa.list_(pa.string())), ("target", pa.string()),
-                          ("candidates", pa.list_(pa.string())), ("candidates_100", pa.list_(pa.string()))]),
+                          ("candidates", pa.list_(pa.string())), ("candidates_100", pa.list_(pa.string())),
+                          ("position", pa.int64())]),
 }
 
 
@@ -50,6 +51,7 @@ class PreparedData:
 def prepare_dataset(out_dir, *, dataset: str | None = None, fmt: str | None = None, path=None,
                     columns: dict[str, str] | None = None, images=None, seed: int = 0, min_inter: int = 10,
                     negatives: int = 9, negatives_large: int = 99, split=(0.7, 0.1, 0.2), tie_break: str = "item",
+                    train_windows: str = "last", window_stride: int = 1, max_windows_per_user: int | None = None,
                     cache_dir=None, name: str | None = None, verbose: bool = True) -> dict:
     """Write items/interactions/samples parquet + manifest.json into out_dir; returns the manifest.
 
@@ -73,7 +75,8 @@ def prepare_dataset(out_dir, *, dataset: str | None = None, fmt: str | None = No
     try:
         samples, stats = build_samples(items, interactions, min_inter=min_inter, negatives=negatives,
                                        negatives_large=negatives_large, seed=seed, split=tuple(split),
-                                       tie_break=tie_break)
+                                       tie_break=tie_break, train_windows=train_windows,
+                                       window_stride=window_stride, max_windows_per_user=max_windows_per_user)
     except DataError as e:
         raise DataError(f"{path}: {e}") from None  # the protocol knows no file names: say which data
 
@@ -101,11 +104,14 @@ def prepare_dataset(out_dir, *, dataset: str | None = None, fmt: str | None = No
             "dataset": dataset, "format": fmt, "path": str(path), "columns": columns,
             "images": None if images is None else str(images), "seed": seed, "min_inter": min_inter,
             "negatives": negatives, "negatives_large": negatives_large, "split": list(split),
-            "tie_break": tie_break,
+            "tie_break": tie_break, "train_windows": train_windows, "window_stride": window_stride,
+            "max_windows_per_user": max_windows_per_user,
         },
         "counts": {
             "items": len(items), "interactions": len(interactions), "users": stats["users"],
             "samples": stats["samples"], "train": stats["train"], "valid": stats["valid"], "test": stats["test"],
+            # train = train_users last windows + extra_windows earlier ones (train_windows: sliding)
+            "train_users": stats["train"] - stats["extra_windows"], "extra_windows": stats["extra_windows"],
         },
         "oddities": {
             "users_below_min_inter": stats["users_below_min_inter"],
@@ -124,7 +130,9 @@ def prepare_dataset(out_dir, *, dataset: str | None = None, fmt: str | None = No
 
     c, o = manifest["counts"], manifest["oddities"]
     say(f"wrote {out}: {c['items']} items, {c['interactions']} interactions, {c['users']} users -> "
-        f"{c['samples']} samples (train {c['train']} / valid {c['valid']} / test {c['test']})")
+        f"{c['samples']} samples (train {c['train']} / valid {c['valid']} / test {c['test']})"
+        + (f"; train = {c['train_users']} users' last windows + {c['extra_windows']} earlier windows"
+           if train_windows == "sliding" else ""))
     say(f"  {o['users_below_min_inter']} users below {min_inter} interactions, {o['items_without_title']} items "
         f"without title, {o['items_with_image']} with an image, {o['repeated_interactions']} repeated interactions")
     return manifest

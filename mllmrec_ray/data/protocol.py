@@ -1,7 +1,9 @@
 """The evaluation protocol of SPEC section 1: last-window samples, user split, candidates.
 
 Everything random comes from one seed through independent numpy streams (split,
-10-list, 100-list), so changing the size of one list never changes the others.
+10-list, 100-list, and the 10- and 100-lists of sliding training windows), so
+changing the size of one list never changes the others, and turning sliding windows
+on or off never changes the last-window samples.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from tqdm import tqdm
 from .loaders import DataError
 
 SPLITS = ("train", "valid", "test")
+TRAIN_WINDOWS = ("last", "sliding")
 
 
 def split_sizes(n: int, ratios=(0.7, 0.1, 0.2)) -> tuple[int, int, int]:
@@ -40,7 +43,8 @@ def _candidates(rng, target: int, seen: set[int], n_items: int, k: int, user: st
 
 def build_samples(items: pd.DataFrame, interactions: pd.DataFrame, *, min_inter: int = 10, negatives: int = 9,
                   negatives_large: int = 99, seed: int = 0, split=(0.7, 0.1, 0.2),
-                  tie_break: str = "item") -> tuple[pd.DataFrame, dict]:
+                  tie_break: str = "item", train_windows: str = "last", window_stride: int = 1,
+                  max_windows_per_user: int | None = None) -> tuple[pd.DataFrame, dict]:
     """One sample per user with >= min_inter distinct items. Returns (samples, stats).
 
     Interactions are ordered by timestamp, equal timestamps by row order in the file
@@ -51,6 +55,13 @@ def build_samples(items: pd.DataFrame, interactions: pd.DataFrame, *, min_inter:
     u.data and the RecBole .inter files order rows differently). A user's repeated
     item keeps its first time only (so a target never repeats a history item). Negatives
     come from the whole catalogue (`items`) minus everything the user ever touched.
+
+    train_windows="sliding" adds, for *training* users only, the earlier windows whose
+    targets sit `window_stride` items apart before the last one (at least min_inter-1
+    items of history each), at most `max_windows_per_user` windows per user counting the
+    last one (the most recent are kept). Such a window's sample_id is `u<user>_t<p>`,
+    p being the `position` of its target in the user's deduplicated time-ordered
+    sequence; every sample has `position`. Their rows follow all last-window rows.
     """
     if min_inter < 2:
         raise DataError(f"min_inter={min_inter}: a sample needs at least one history item and a target")
@@ -58,6 +69,12 @@ def build_samples(items: pd.DataFrame, interactions: pd.DataFrame, *, min_inter:
         raise DataError(f"tie_break={tie_break!r}: expected 'file' or 'item'")
     if negatives < 1 or negatives_large < 0:
         raise DataError(f"negatives={negatives}, negatives_large={negatives_large}: need >= 1 and >= 0")
+    if train_windows not in TRAIN_WINDOWS:
+        raise DataError(f"train_windows={train_windows!r}: expected 'last' or 'sliding'")
+    if window_stride < 1:
+        raise DataError(f"window_stride={window_stride}: need >= 1")
+    if max_windows_per_user is not None and max_windows_per_user < 1:
+        raise DataError(f"max_windows_per_user={max_windows_per_user}: need >= 1 or None")
     log = interactions[["user_id", "item_id", "timestamp"]].copy()
     log["row"] = np.arange(len(log))
     ids = log["item_id"].astype(str)
@@ -85,7 +102,9 @@ def build_samples(items: pd.DataFrame, interactions: pd.DataFrame, *, min_inter:
         raise DataError(f"field 'user_id': none of the {len(users)} users has >= {min_inter} distinct items "
                         f"(the most any user has is {max(map(len, by_user.values()), default=0)})")
 
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
+    # spawn(n)'s first children do not depend on n: the window streams (3, 4) leave the
+    # split (0) and the last-window lists (1, 2) exactly as without sliding windows
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
     order = streams[0].permutation(len(kept))
     n_train, n_valid, _ = split_sizes(len(kept), split)
     split_of = np.empty(len(kept), dtype=object)
@@ -110,14 +129,46 @@ def build_samples(items: pd.DataFrame, interactions: pd.DataFrame, *, min_inter:
             "target": catalogue[target],
             "candidates": [catalogue[i] for i in c10],
             "candidates_100": None if c100 is None else [catalogue[i] for i in c100],
+            "position": len(seq) - 1,
         })
+    extra_windows = 0
+    if train_windows == "sliding":
+        for pos, user in enumerate(kept):
+            if split_of[pos] != "train":  # valid/test users keep their single last window
+                continue
+            seq = by_user[user]
+            ends = list(range(len(seq) - 1 - window_stride, min_inter - 2, -window_stride))
+            if max_windows_per_user is not None:
+                ends = ends[:max_windows_per_user - 1]  # the most recent; the last window counts too
+            seen = set(seq.tolist())
+            for p in reversed(ends):  # oldest first
+                target = int(seq[p])
+                c10 = _candidates(streams[3], target, seen, len(catalogue), negatives, user)
+                c100 = (_candidates(streams[4], target, seen, len(catalogue), negatives_large, user)
+                        if negatives_large else None)
+                rows.append({
+                    "sample_id": f"u{user}_t{p}",
+                    "user_id": user,
+                    "split": "train",
+                    "history": [catalogue[i] for i in seq[p - min_inter + 1:p]],
+                    "target": catalogue[target],
+                    "candidates": [catalogue[i] for i in c10],
+                    "candidates_100": None if c100 is None else [catalogue[i] for i in c100],
+                    "position": p,
+                })
+                extra_windows += 1
     samples = pd.DataFrame(rows, columns=["sample_id", "user_id", "split", "history", "target",
-                                          "candidates", "candidates_100"])
+                                          "candidates", "candidates_100", "position"])
+    samples["position"] = samples["position"].astype("int64")
+    clash = samples["sample_id"][samples["sample_id"].duplicated()]
+    if len(clash):  # everything joins by sample_id: a user id like "7_t3" must not shadow a window
+        raise DataError(f"field 'user_id': sample_id {clash.iloc[0]!r} names two samples")
     stats = {
         "users": len(users),
         "users_below_min_inter": len(users) - len(kept),
         "repeated_interactions": int(repeated.sum()),
         "samples": len(samples),
+        "extra_windows": extra_windows,
         **{s: int((samples["split"] == s).sum()) for s in SPLITS},
     }
     return samples, stats
