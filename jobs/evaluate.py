@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--order-shuffles", type=int, help="also score the first --shuffle-samples samples with "
                         "their candidate list shuffled N times and record the sensitivity")
     parser.add_argument("--shuffle-samples", type=int, default=64)
+    parser.add_argument("--votes", type=int, default=0,
+                        help="generate mode: sample N answers per prompt and rank candidates by how often they "
+                             "are chosen, ties by their score-mode score (0 = parse one generated top-K list)")
     parser.add_argument("--weights", default="merged", choices=["merged", "adapter"],
                         help="hf scorer: the merged model dir, or its base + saved LoRA adapter unmerged (keeps "
                              "updates that bf16 merging rounds away)")
@@ -61,10 +64,10 @@ def main(args: argparse.Namespace) -> int:
     from mllmrec_ray.evaluation import (format_table, load_split, make_record, rankings_path, write_rankings,
                                         write_record)
     from mllmrec_ray.models import resolve_model
-    from mllmrec_ray.parsing import parse_ranking
+    from mllmrec_ray.parsing import parse_answer, parse_ranking
     from mllmrec_ray.prompts import render_prompt, sample_messages
     from mllmrec_ray.run_data import load_collab, load_items
-    from mllmrec_ray.scoring import rank_samples, ranking_messages
+    from mllmrec_ray.scoring import rank_samples, ranking_messages, vote_ranking
 
     data = Path(args.data)
     name = args.name or Path(args.model.rstrip("/")).name
@@ -104,7 +107,9 @@ def main(args: argparse.Namespace) -> int:
         # 100-candidate prompts with captions run to a few thousand tokens.
         engine = Engine(model_path, EngineConfig(dtype=args.dtype, seed=args.seed, max_model_len=4096))
         tokenizer = engine.tokenizer
-    if args.mode == "score":
+    if args.votes < 0:
+        raise SystemExit(f"error: --votes {args.votes} must be >= 0")
+    if args.mode == "score" or args.votes:
         if args.scorer == "vllm":
             from mllmrec_ray.scoring import VLLMScorer
 
@@ -135,6 +140,14 @@ def main(args: argparse.Namespace) -> int:
             batch = rows[start:start + args.batch]
             if args.mode == "score":
                 rankings += rank_samples(scorer, tokenizer, batch, messages_of, titles, readout)[0]
+            elif args.votes:
+                groups = engine.generate([prompt_ids(r, False) for r in batch], n=args.votes, temperature=1.0,
+                                         top_p=1.0, max_tokens=32)
+                scores = rank_samples(scorer, tokenizer, batch, messages_of, titles, readout)[1]
+                for r, group, sc in zip(batch, groups, scores):
+                    chosen = [parse_answer(c.text, r["candidates"], think_first=args.think_first).item_id
+                              for c in group]
+                    rankings.append(vote_ranking([str(c) for c in r["candidates"]], chosen, sc))
             else:
                 ids = [prompt_ids(r, True) for r in batch]
                 groups = engine.generate(ids, n=1, temperature=0.0, top_p=1.0, max_tokens=24 * k)
@@ -153,6 +166,8 @@ def main(args: argparse.Namespace) -> int:
                                                            messages_of, titles, readout, shuffles, args.seed,
                                                            args.candidates)
         extra["candidates_per_s"] = round(len(rows) * args.candidates / seconds, 3) if seconds else None
+    elif args.votes:
+        extra.update(votes=args.votes, readout=readout, collab=collab is not None)
     else:
         extra["top_k"] = k
     record = make_record(name, dataset, args.split, args.candidates, rankings, samples["target"].tolist(),

@@ -49,10 +49,14 @@ def main(args: argparse.Namespace) -> int:
     from ray import serve
 
     from actors.ranker import APP_NAME, build_app
+    from jobs.common import start_local_ray, use_loopback_if_local
 
     own_cluster = args.ray_address == "local"
-    ray.init(address=args.ray_address, num_cpus=cfg.ray_num_cpus if own_cluster else None,
-             include_dashboard=False, log_to_driver=True)
+    if own_cluster:  # a private cluster on 127.0.0.1 only (node, agents, workers; Serve binds `host`)
+        start_local_ray(cfg.ray_num_cpus, log_to_driver=True)
+    else:
+        use_loopback_if_local(args.ray_address)  # joining a 127.0.0.1 cluster needs the loopback node IP
+        ray.init(address=args.ray_address, log_to_driver=True)
     # after ray.init, which installs its own SIGTERM handler (it would exit without cleaning up)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # sub-command -> (module, one-line help)
@@ -27,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "jobs": ("jobs.jobctl", "status | logs | stop of submitted Ray Jobs"),
     "serve": ("jobs.serve", "serve the trained ranker with Ray Serve"),
 }
+# clients of a cluster's HTTP API: they start or join no Ray node
+CLIENT_COMMANDS = {"submit", "jobs"}
 
 
 def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
@@ -51,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    if args.command not in CLIENT_COMMANDS:
+        from jobs.common import use_loopback_if_local
+
+        # a cluster started here (no RAY_ADDRESS) or a 127.0.0.1 one: every Ray node binds 127.0.0.1
+        use_loopback_if_local(getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS"))
     return int(args._module.main(args) or 0)
 
 

@@ -162,6 +162,17 @@ class VLLMScorer:
         return out
 
 
+def vote_ranking(candidates: Sequence[str], chosen: Sequence[str | None], scores: Sequence[float]) -> list[str]:
+    """Generate mode's full ranking: candidates by how many of n sampled answers chose them,
+    ties (most candidates get no vote) by their score-mode score. Invalid answers (None) vote for nothing."""
+    votes = {c: 0 for c in candidates}
+    for c in chosen:
+        if c in votes:
+            votes[c] += 1
+    order = sorted(range(len(candidates)), key=lambda i: (-votes[candidates[i]], -scores[i]))
+    return [candidates[i] for i in order]
+
+
 ITEM_PREFIX = "[ITEM_"
 READOUTS = ("answer", "id", "calibrated")
 

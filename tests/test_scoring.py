@@ -117,3 +117,12 @@ def test_id_and_calibrated_readouts_equal_a_hand_computation(tiny_llama):
                                                                               for c in row["candidates"]])), abs=1e-3)
     with pytest.raises(ValueError, match="readout"):
         readout_tokens(tok, ["7"], ["Heat"], "title")
+
+
+def test_vote_ranking_counts_votes_then_scores():
+    from mllmrec_ray.scoring import vote_ranking
+
+    cands = ["1", "2", "3", "4"]
+    # 3 votes for "3", 1 for "2", an invalid answer and a non-candidate vote for nothing
+    assert vote_ranking(cands, ["3", "2", None, "3", "9", "3"], [0.0, -1.0, -5.0, -0.5]) == ["3", "2", "1", "4"]
+    assert vote_ranking(cands, [], [0.1, 0.4, 0.3, 0.2]) == ["2", "3", "4", "1"]
