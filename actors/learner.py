@@ -1,9 +1,11 @@
 """The GRPO learner: one Ray actor holding a DeepSpeed engine over the LoRA policy.
 
 Batch format of `train_step` / `logprobs`: a list of dicts, one per response,
-    {"prompt_ids": list[int], "response_ids": list[int], "advantage": float}
+    {"prompt_ids": list[int], "response_ids": list[int], "advantage": float,
+     "sampler_logp": list[float] (optional; the rollout engine's log-prob of each response token)}
 (`advantage` is not needed by `logprobs`). The reference policy is the same model with
-the adapter disabled, so the learner holds one copy of the base weights.
+the adapter disabled, so the learner holds one copy of the base weights. Policy and reference
+are scored at the sampling temperature (`grpo.temperature`), the distribution vLLM drew from.
 
 Use `LearnerActor` (= `ray.remote(Learner)`) from a controller:
     learner = LearnerActor.options(num_cpus=1).remote(model_path, grpo_cfg, lora_cfg)
@@ -23,7 +25,7 @@ import ray
 import torch
 
 from mllmrec_ray.config import GRPOConfig, LoraConfig, from_dict
-from mllmrec_ray.grpo import grpo_loss
+from mllmrec_ray.grpo import grpo_loss, tis_weights
 from mllmrec_ray.io import atomic_write_text
 from mllmrec_ray.policy import (build_policy, deepspeed_engine, group_logprobs, load_tokenizer, merged_lora_state,
                                 save_merged)
@@ -80,17 +82,34 @@ class Learner(WeightSenderMixin):
         return out
 
     def _logprobs(self, prompt: list[int], responses: list[list[int]], reference: bool = False):
-        """(log-probs [n, C], mask [n, C]) under the policy, or the reference (adapter disabled, no grad)."""
+        """(log-probs [n, C], mask [n, C]) under the policy, or the reference (adapter disabled, no grad),
+        both at the sampling temperature."""
+        t = self.cfg.temperature
         if not reference:
-            return group_logprobs(self.engine, prompt, responses, self.tokenizer.pad_token_id)
+            return group_logprobs(self.engine, prompt, responses, self.tokenizer.pad_token_id, temperature=t)
         with torch.no_grad(), self.engine.module.disable_adapter():
-            return group_logprobs(self.engine, prompt, responses, self.tokenizer.pad_token_id)
+            return group_logprobs(self.engine, prompt, responses, self.tokenizer.pad_token_id, temperature=t)
+
+    def _sampler_logp(self, batch: list[dict], idx: list[int], like: torch.Tensor) -> torch.Tensor | None:
+        """[n, C] sampler log-probs of rows `idx` (NaN where missing), or None when no row has them."""
+        rows = [batch[i].get("sampler_logp") for i in idx]
+        if all(r is None for r in rows):
+            return None
+        out = torch.full_like(like, float("nan"), dtype=torch.float32)
+        for j, r in enumerate(rows):
+            if r is not None:
+                out[j, : len(r)] = torch.tensor([float("nan") if v is None else float(v) for v in r])
+        return out
 
     def train_step(self, batch: list[dict]) -> dict:
-        """One GRPO step: `updates_per_step` optimizer updates on this batch; returns float stats.
+        """One GRPO step: `updates_per_step` optimizer updates on this batch; returns stats.
 
         The loss of each update is the full-batch loss of grpo_loss: each micro-batch's loss
         is weighted by its share of the batch (responses, or tokens for `token_mean`).
+        Stats are floats, plus `old_logp`: per row (batch order) the old policy's log-prob of
+        each response token, taken before the update (for the controller's logprob_gap). With
+        `tis_cap` set and rows carrying `sampler_logp`, each token's policy term is weighted by
+        min(exp(old_logp - sampler_logp), tis_cap) (`tis_weight_mean` reports the mean weight).
         """
         if not batch:
             raise ValueError("train_step got an empty batch")
@@ -109,16 +128,32 @@ class Learner(WeightSenderMixin):
         if cfg.updates_per_step > 1:  # with a single update old == current, taken from the same forward
             with torch.no_grad():
                 old = [self._logprobs(prompt, resp)[0] for _, prompt, resp, _ in mbs]
+        old_rows: list = [None] * len(batch)
+        tis_sum, tis_n = 0.0, 0
 
         per_update = []
-        for _ in range(cfg.updates_per_step):
+        for u in range(cfg.updates_per_step):
             agg = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
-            for k, (_, prompt, resp, adv) in enumerate(mbs):
+            for k, (idx, prompt, resp, adv) in enumerate(mbs):
                 self.engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
                 logp, rmask = self._logprobs(prompt, resp)
                 old_logp = logp.detach() if old is None else old[k]
+                weights = None
+                if u == 0:
+                    for j, i in enumerate(idx):
+                        old_rows[i] = old_logp[j][: len(resp[j])].float().tolist()
+                    if cfg.tis_cap is not None:
+                        sampler = self._sampler_logp(batch, idx, old_logp)
+                        if sampler is not None:
+                            weights = tis_weights(old_logp, sampler, rmask, cfg.tis_cap)
+                        # rows without sampler log-probs count with weight 1, as tis_weights gives NaN entries
+                        tis_sum += float(rmask.sum()) if weights is None else float((weights * rmask).sum())
+                        tis_n += int(rmask.sum())
+                elif cfg.tis_cap is not None:
+                    sampler = self._sampler_logp(batch, idx, old_logp)
+                    weights = None if sampler is None else tis_weights(old_logp, sampler, rmask, cfg.tis_cap)
                 loss, st = grpo_loss(logp, old_logp, ref[k], adv, rmask, clip_eps=cfg.clip_eps,
-                                     beta=cfg.beta, loss_agg=cfg.loss_agg)
+                                     beta=cfg.beta, loss_agg=cfg.loss_agg, token_weights=weights)
                 w = shares[k] / total_share
                 self.engine.backward(loss * w, scale_wrt_gas=False)  # weights sum to 1: the batch mean
                 agg["loss"] += w * st["loss"]
@@ -132,7 +167,8 @@ class Learner(WeightSenderMixin):
         stats = dict(per_update[0])  # the on-policy (first) update is the one comparable across steps
         stats["loss_final"] = per_update[-1]["loss"]
         stats.update(tokens=sum(tokens), sequences=len(batch), optimizer_steps=int(self.engine.global_steps),
-                     seconds=time.perf_counter() - t0)
+                     seconds=time.perf_counter() - t0, old_logp=old_rows,
+                     tis_weight_mean=tis_sum / tis_n if tis_n else None)
         return stats
 
     def logprobs(self, batch: list[dict]) -> dict:
@@ -183,11 +219,13 @@ class Learner(WeightSenderMixin):
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
         return client.get("mllmrec", {})
 
-    def save_merged(self, out_dir: str) -> str:
-        """The current policy as a plain HF model dir (plus `adapter/`), written atomically."""
+    def save_merged(self, out_dir: str, dtype: str = "float32") -> str:
+        """The current policy as a plain HF model dir (plus `adapter/`), merged in fp32, saved in
+        `dtype` (config model.save_dtype), written atomically."""
         with self._gathered():
-            return str(save_merged(self.engine.module, self.tokenizer, out_dir,
-                                   info={"base_model": self.model_path, "step": int(self.engine.global_steps)}))
+            return str(save_merged(self.engine.module, self.tokenizer, out_dir, dtype=dtype,
+                                   info={"base_model": self.model_path, "step": int(self.engine.global_steps),
+                                         "dtype": dtype}))
 
     def ping(self) -> dict:
         return {"pid": os.getpid(), "optimizer_steps": int(self.engine.global_steps), "device": str(self.engine.device)}

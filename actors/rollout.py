@@ -1,4 +1,9 @@
-"""`RolloutActor`: one vLLM engine in a Ray actor; samples reward-scored groups, takes new weights.
+"""`RolloutActor`: one vLLM engine in a Ray actor; samples groups, takes new weights.
+
+Rollout actors only generate: rewards are scored on the controller (jobs/grpo.py), so reward
+terms, weights and the template can change without touching the actors. Each response carries
+the sampler's log-probs of its tokens (`sampler_logp`, temperature and top-p applied: see
+`mllmrec_ray.engine.ROLLOUT_LOGPROBS_MODE`).
 
 The caller sets resources: `RolloutActor.options(num_cpus=..., num_gpus=...).remote(...)`
 (from `GRPOConfig.rollout_resources`). Weights arrive either as safetensors buckets
@@ -22,8 +27,8 @@ class RolloutActor(WeightReceiverMixin):
     """Holds one `mllmrec_ray.engine.Engine`.
 
     model: local directory or cache alias (resolved on the actor's node).
-    engine: vLLM settings; grpo: group_size / temperature / top_p / max_new_tokens are used.
-    think_first: answer grammar for the reward (prompts and parser must agree).
+    engine: vLLM settings; grpo: group_size / temperature / top_p / new_tokens are used.
+    think_first: accepted for compatibility; unused (rewards are scored on the controller).
     """
 
     def __init__(self, model: str, engine: EngineConfig | None = None, grpo: GRPOConfig | None = None,
@@ -32,12 +37,12 @@ class RolloutActor(WeightReceiverMixin):
         if engine.tensor_parallel_size == 1:
             # In-process engine: ~4 s start instead of ~22 s, and no extra process per actor.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from mllmrec_ray.engine import Engine, restore_thread_budget
+        from mllmrec_ray.engine import ROLLOUT_LOGPROBS_MODE, Engine, restore_thread_budget
         from mllmrec_ray.models import resolve_model
 
         self.grpo = grpo or GRPOConfig()
         self.think_first = think_first
-        self.engine = Engine(resolve_model(model, cache_dir), engine)
+        self.engine = Engine(resolve_model(model, cache_dir), engine, logprobs_mode=ROLLOUT_LOGPROBS_MODE)
         restore_thread_budget()
         self.version = 0
         self.totals = {"calls": 0, "prompts": 0, "completions": 0, "prompt_tokens": 0,
@@ -51,31 +56,26 @@ class RolloutActor(WeightReceiverMixin):
         return self.version
 
     def generate_groups(self, prompts: list[dict], seed: int | None = None) -> list[dict]:
-        """Sample G responses per prompt and score them with the Eq. 8 reward.
+        """Sample G responses per prompt (no scoring: the controller computes rewards).
 
-        Each prompt dict: `sample_id`, `prompt` (chat-rendered text), `target`, `candidates`
-        (item ids), optionally `prompt_ids` (token ids; used as is, else `prompt` is tokenized
-        without adding special tokens). `seed` re-seeds the engine's sampler for this call
-        (reproducible rollouts on resume). Returns, per prompt in order:
-        `{sample_id, prompt_ids, version, responses: [{text, token_ids, reward, well_formed, hit,
-        finish_reason}]}`; `token_ids` ends with EOS when the response stopped on EOS.
+        Each prompt dict: `sample_id`, `prompt` (chat-rendered text) or `prompt_ids` (token ids;
+        used as is, else `prompt` is tokenized without adding special tokens); other keys are
+        ignored. `seed` re-seeds the engine's sampler for this call (reproducible rollouts on
+        resume). Returns, per prompt in order: `{sample_id, prompt_ids, version, responses:
+        [{text, token_ids, sampler_logp, finish_reason}]}`; `token_ids` ends with EOS when the
+        response stopped on EOS; `sampler_logp[i]` is the sampler's log-prob of `token_ids[i]`
+        (NaN where vLLM reported none).
         """
-        from mllmrec_ray.reward import score
-
         g = self.grpo
         prompt_ids = [p.get("prompt_ids") or self.engine.encode(p["prompt"]) for p in prompts]
         t0 = time.perf_counter()
-        groups = self.engine.generate(prompt_ids, g.group_size, g.temperature, g.top_p, g.max_new_tokens, seed=seed)
+        groups = self.engine.generate(prompt_ids, g.group_size, g.temperature, g.top_p, g.new_tokens, seed=seed,
+                                      logprobs=True)
         seconds = time.perf_counter() - t0
         out = []
         for p, ids, group in zip(prompts, prompt_ids, groups):
-            responses = []
-            for c in group:
-                r, parsed = score(c.text, p["target"], p["candidates"], think_first=self.think_first)
-                responses.append({"text": c.text, "token_ids": c.token_ids, "reward": r,
-                                  "well_formed": parsed.well_formed,
-                                  "hit": parsed.well_formed and parsed.item_id == str(p["target"]),
-                                  "finish_reason": c.finish_reason})
+            responses = [{"text": c.text, "token_ids": c.token_ids, "sampler_logp": c.logprobs,
+                          "finish_reason": c.finish_reason} for c in group]
             out.append({"sample_id": p["sample_id"], "prompt_ids": list(ids), "version": self.version,
                         "responses": responses})
         completion_tokens = sum(c.completion_tokens for grp in groups for c in grp)

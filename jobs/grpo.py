@@ -1,11 +1,12 @@
 """`mllmrec grpo`: the GRPO controller (one driver, N vLLM rollout actors, one DeepSpeed learner).
 
 Per step: shard prompts over rollout actors (the G samples of a prompt stay on one
-actor), collect reward-scored groups, compute group-relative advantages, let the
-learner update, then push the new weights to every rollout actor before the next
-rollout. Checkpoints carry the adapter, optimizer, step, data cursor and RNG, so
-`--resume` continues where a run stopped; a dead rollout actor is replaced,
-re-synced and its prompts re-issued.
+actor), collect the sampled groups, score them here with the named reward terms
+(`grpo.reward`), compute group-relative advantages (optionally dropping zero-variance
+groups: `grpo.dynamic_sampling`), let the learner update, then push the new weights to
+every rollout actor before the next rollout. Checkpoints carry the adapter, optimizer,
+step, data cursor and RNG, so `--resume` continues where a run stopped; a dead rollout
+actor is replaced, re-synced and its prompts re-issued.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def build_prompts(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, tokeniz
     reasoning = load_reasoning(stage1_dir / "cot.parquet", stage1_dir / "mda.parquet", "selected_grpo",
                                cfg.stage1.cot_source)
     key = "candidates" if cfg.prompt.n_candidates == 10 else "candidates_100"
-    budget = cfg.model.engine.max_model_len - cfg.grpo.max_new_tokens
+    budget = cfg.model.engine.max_model_len - cfg.grpo.new_tokens
     prompts = []
     samples = load_samples(data_dir, "train")
     if cfg.grpo.max_prompts is not None and cfg.grpo.max_prompts < len(samples):
@@ -49,7 +50,8 @@ def build_prompts(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, tokeniz
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > budget:
             raise ValueError(f"sample {s['sample_id']}: the prompt is {len(ids)} tokens, over model.engine.max_model_len "
-                             f"({cfg.model.engine.max_model_len}) - grpo.max_new_tokens ({cfg.grpo.max_new_tokens}); "
+                             f"({cfg.model.engine.max_model_len}) - the rollout budget ({cfg.grpo.new_tokens}: "
+                             f"grpo.max_new_tokens, or grpo.max_new_tokens_think with grpo.reward.require_think); "
                              f"raise model.engine.max_model_len or set prompt.with_captions: false")
         prompts.append({"sample_id": s["sample_id"], "prompt": text, "prompt_ids": ids,
                         "target": s["target"], "candidates": list(s[key])})
@@ -100,6 +102,7 @@ class Controller:
         self.model_path, self.out_dir, self.model_out = model_path, out_dir, model_out
         self.ckpt_dir = out_dir / "checkpoints"
         tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = tokenizer  # think-length metrics
         self.prompts = build_prompts(cfg, data_dir, stage1_dir, tokenizer)
         self.RolloutActor = RolloutActor
         g = self.g
@@ -116,13 +119,45 @@ class Controller:
                                          num_gpus=g.rollout_resources.num_gpus).remote(
             self.model_path, engine, g, think_first=self.cfg.prompt.think_first)
 
-    def sync(self, actors=None) -> float:
+    def sync(self, actors=None) -> dict:
+        """Push the learner's weights; returns sync_weights' info (`seconds`, `bytes` of one copy, ...)."""
         from actors.weight_sync import sync_weights
 
         # LoRA changes only the target modules: send those (merged), never the frozen rest
-        out = sync_weights(self.learner, actors or self.actors, self.g.weight_transport, self.version, full=False,
-                           use_gpu=self.g.rollout_resources.num_gpus > 0)
-        return out["seconds"]
+        return sync_weights(self.learner, actors or self.actors, self.g.weight_transport, self.version, full=False,
+                            use_gpu=self.g.rollout_resources.num_gpus > 0)
+
+    def score_groups(self, groups: list[dict]) -> dict:
+        """Score every response on the controller with the named reward terms (mllmrec_ray.reward).
+
+        Adds `reward` (weighted total), `terms`, `well_formed`, `hit` to each response dict and
+        returns per-step reward metrics: `reward/<term>` (unweighted term means), think rate/length.
+        """
+        from mllmrec_ray.reward import reward_terms, think_text, weighted_reward
+
+        rcfg, think_first = self.g.reward, self.cfg.prompt.think_first
+        weights = rcfg.weights()
+        by_id = {p["sample_id"]: p for p in self.prompts}
+        sums: dict[str, float] = {}
+        thinks: list[int] = []
+        n = 0
+        for grp in groups:
+            p = by_id[grp["sample_id"]]
+            for r in grp["responses"]:
+                terms, parsed = reward_terms(r["text"], p["target"], p["candidates"], think_first=think_first,
+                                             require_think=rcfg.require_think)
+                r.update(reward=weighted_reward(terms, weights), terms=terms, well_formed=parsed.well_formed,
+                         hit=parsed.well_formed and parsed.item_id == str(p["target"]))
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                t = think_text(r["text"])
+                if t is not None:
+                    thinks.append(len(self.tokenizer(t, add_special_tokens=False)["input_ids"]))
+                n += 1
+        out = {f"reward/{k}": v / max(n, 1) for k, v in sums.items()}
+        out["think_rate"] = len(thinks) / max(n, 1)
+        out["think_len"] = sum(thinks) / len(thinks) if thinks else 0.0  # tokens inside <think>, thinking responses
+        return out
 
     def rollout(self, indices: list[int], step: int) -> tuple[list[dict], float]:
         """Generate groups on every actor; replace any actor that dies and re-issue its shard."""
@@ -188,7 +223,7 @@ class Controller:
         import torch
         from torch.utils.tensorboard import SummaryWriter
 
-        from mllmrec_ray.grpo import group_advantages
+        from mllmrec_ray.grpo import group_advantages, kept_groups, logprob_gap, zero_variance_groups
 
         g = self.g
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,26 +243,42 @@ class Controller:
             t0 = time.perf_counter()
             indices, cursor = next_batch(len(self.prompts), g.seed, cursor, g.prompts_per_step)
             groups, tok_s = self.rollout(indices, step + 1)
+            reward_stats = self.score_groups(groups)
             rewards = torch.tensor([[r["reward"] for r in grp["responses"]] for grp in groups], dtype=torch.float32)
             adv = group_advantages(rewards, std_normalize=g.std_normalize)
-            batch = [{"prompt_ids": grp["prompt_ids"], "response_ids": r["token_ids"], "advantage": float(adv[i, j])}
-                     for i, grp in enumerate(groups) for j, r in enumerate(grp["responses"])]
-            stats = self.ray.get(self.learner.train_step.remote(batch))
-            self.version += 1
-            sync_s = self.sync()
+            zero_var = zero_variance_groups(rewards)
+            keep = kept_groups(zero_var, g.dynamic_sampling)
+            rows = [(i, j) for i in keep for j in range(len(groups[i]["responses"]))]
+            batch = [{"prompt_ids": groups[i]["prompt_ids"], "response_ids": groups[i]["responses"][j]["token_ids"],
+                      "advantage": float(adv[i, j]), "sampler_logp": groups[i]["responses"][j].get("sampler_logp")}
+                     for i, j in rows]
+            gap = None
+            if batch:
+                stats = self.ray.get(self.learner.train_step.remote(batch))
+                gap = logprob_gap(stats.pop("old_logp"), [b["sampler_logp"] for b in batch])
+                self.version += 1
+                sync = self.sync()
+            else:  # every group skipped (dynamic_sampling: skip): no update, nothing to sync
+                stats, sync = {}, {"seconds": 0.0, "bytes": 0}
             step += 1
             responses = [r for grp in groups for r in grp["responses"]]
+            sync_s = sync["seconds"]
             row = {
                 "step": step,
                 "reward_mean": float(rewards.mean()),
                 "reward_std": float(rewards.std(unbiased=False)),
                 "hit_rate": sum(r["hit"] for r in responses) / len(responses),
                 "valid_rate": sum(r["well_formed"] for r in responses) / len(responses),
+                **reward_stats,
                 # groups whose rewards are all equal have zero advantage: they carry no gradient
-                "zero_var_groups": float((rewards.max(dim=1).values == rewards.min(dim=1).values).float().mean()),
+                "zero_var_groups": float(zero_var.float().mean()),
+                "skipped_groups": len(groups) - len(keep),
+                # mean |log p_learner - log p_sampler| per token (old policy, before this update)
+                "logprob_gap": gap, "tis_weight_mean": stats.get("tis_weight_mean"),
                 "kl": stats.get("kl"), "loss": stats.get("loss"), "clip_frac": stats.get("clip_frac"),
                 "response_len": sum(len(r["token_ids"]) for r in responses) / len(responses),
-                "rollout_tok_s": tok_s, "sync_s": sync_s, "learner_s": stats.get("seconds"),
+                "rollout_tok_s": tok_s, "sync_s": sync_s, "sync_bytes": sync["bytes"],
+                "learner_s": stats.get("seconds"),
                 "step_s": time.perf_counter() - t0, "weights_version": self.version,
                 "actor_restarts": self.restarts, "sample_ids": [grp["sample_id"] for grp in groups],
             }
@@ -239,13 +290,14 @@ class Controller:
             writer.flush()
             first = first or row
             print(f"[grpo] step {step}/{g.steps} reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} "
-                  f"hit {row['hit_rate']:.2f} valid {row['valid_rate']:.2f} zero-var {row['zero_var_groups']:.2f} kl {row['kl'] or 0:.4f} "
+                  f"hit {row['hit_rate']:.2f} valid {row['valid_rate']:.2f} zero-var {row['zero_var_groups']:.2f} "
+                  f"gap {row['logprob_gap'] or 0:.4f} kl {row['kl'] or 0:.4f} "
                   f"loss {row['loss'] or 0:.4f} rollout {tok_s:.0f} tok/s sync {sync_s:.2f}s step {row['step_s']:.1f}s",
                   flush=True)
             if g.checkpoint_every and (step % g.checkpoint_every == 0 or step == g.steps):
                 self.save_checkpoint(step, cursor)
         writer.close()
-        self.ray.get(self.learner.save_merged.remote(str(self.model_out)))
+        self.ray.get(self.learner.save_merged.remote(str(self.model_out), self.cfg.model.save_dtype))
         print(f"[grpo] merged policy written to {self.model_out}", flush=True)
         return {"steps": step, "first": first, "restarts": self.restarts}
 

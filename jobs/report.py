@@ -25,7 +25,7 @@ PAIR_BASELINES = ("pop", "sasrec", "collab")
 PAIR_METRICS = ("HR@3", "NDCG@3", "HR@5", "NDCG@5")
 PAIRED_TITLE = "Paired differences (95% bootstrap CI over the same samples)"
 STEP_COLUMNS = ["step", "reward_mean", "reward_std", "hit_rate", "valid_rate", "zero_var_groups", "kl", "loss", "clip_frac",
-                "response_len", "rollout_tok_s", "sync_s", "step_s"]
+                "response_len", "rollout_tok_s", "sync_s", "step_s", "reward/format", "reward/hit", "skipped_groups", "logprob_gap", "tis_weight_mean", "think_rate", "think_len", "sync_bytes"]
 
 
 def read_metrics(path: Path) -> list[dict]:

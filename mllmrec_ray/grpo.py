@@ -48,8 +48,12 @@ def grpo_loss(
     clip_eps: float = 0.2,
     beta: float = 0.05,
     loss_agg: str = "seq_mean_token_mean",
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """Clipped-ratio policy loss + beta * k3 KL, per token, aggregated over valid tokens.
+
+    token_weights ([N, T], detached; e.g. `tis_weights`) multiply the policy term of each token
+    (not the KL term), as truncated importance sampling does in verl; None = all 1.
 
     loss_agg "seq_mean_token_mean" (paper): mean over each response's tokens, then over the
     responses that have at least one token; "token_mean": one mean over all valid tokens.
@@ -67,6 +71,8 @@ def grpo_loss(
     ratio = torch.exp(torch.where(valid, logp - old_logp.detach(), zero))
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if token_weights is not None:
+        per_token = per_token * torch.where(valid, token_weights.detach().to(logp.dtype), zero)
     kl = k3_kl(torch.where(valid, logp, zero), torch.where(valid, ref_logp.detach(), zero)) if ref_logp is not None else zero
     per_token = per_token + beta * kl
 
@@ -86,3 +92,52 @@ def grpo_loss(
             "ratio_mean": float(masked_mean(ratio, mask)),
         }
     return loss, stats
+
+
+def zero_variance_groups(rewards: Tensor) -> Tensor:
+    """[B, G] rewards -> [B] bool: groups whose rewards are all equal (zero advantage, no gradient)."""
+    return rewards.max(dim=1).values == rewards.min(dim=1).values
+
+
+def tis_weights(learner_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance-sampling weights min(exp(lp_learner - lp_sampler), cap), per token.
+
+    `learner_logp`: the old policy (before the update) at the learner's temperature;
+    `sampler_logp`: what the rollout engine sampled from. Padding and tokens with no sampler
+    log-prob (NaN, e.g. an EOS the engine did not report) get weight 1. Detached.
+    """
+    if cap <= 0:
+        raise ValueError(f"tis cap must be > 0, got {cap}")
+    ok = (mask > 0) & torch.isfinite(sampler_logp) & torch.isfinite(learner_logp)
+    diff = torch.where(ok, learner_logp.detach().float() - sampler_logp.float(), torch.zeros_like(learner_logp, dtype=torch.float32))
+    return torch.clamp(torch.exp(diff), max=cap)
+
+
+def logprob_gap(learner: list[list[float]], sampler: list[list[float | None]]) -> float | None:
+    """Mean |log p_learner - log p_sampler| over every token that both sides scored (None if none).
+
+    Rows are per response, aligned token by token; a None / NaN sampler entry is skipped.
+    """
+    total, n = 0.0, 0
+    for lrow, srow in zip(learner, sampler):
+        if lrow is None or srow is None:
+            continue
+        if len(lrow) != len(srow):
+            raise ValueError(f"learner row has {len(lrow)} tokens, sampler row {len(srow)}")
+        for a, b in zip(lrow, srow):
+            if a is None or b is None or a != a or b != b:  # x != x: NaN
+                continue
+            total += abs(a - b)
+            n += 1
+    return total / n if n else None
+
+
+DYNAMIC_SAMPLING = ("none", "skip")
+
+
+def kept_groups(zero_var: Tensor, mode: str = "none") -> list[int]:
+    """Indices of the groups that go to the learner: all (`none`), or (`skip`, DAPO's dynamic
+    sampling without refill) those whose rewards are not all equal."""
+    if mode not in DYNAMIC_SAMPLING:
+        raise ValueError(f"dynamic_sampling must be one of {DYNAMIC_SAMPLING}, got {mode!r}")
+    return [i for i, z in enumerate(zero_var.tolist()) if mode == "none" or not z]

@@ -75,8 +75,23 @@ def pad_batch(prompt_ids_list, response_ids_list, pad_id: int):
     return input_ids, attention_mask, response_mask
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature, as vLLM's sampler applies it (in fp32) before top-p and sampling.
+
+    The learner scores responses at the rollout temperature so policy, reference and sampler
+    are the same distribution. temperature <= 0 (greedy rollouts) has no distribution: 1 is used.
+    """
+    if temperature <= 0 or temperature == 1.0:
+        return logits
+    return logits / temperature
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0,
+                   temperature: float = 1.0) -> torch.Tensor:
     """[N, T-1-start] float32 log-prob of each next token (column j scores input token start+j+1).
+
+    `temperature`: log-probs of softmax(logits / temperature), the distribution a sampler at that
+    temperature draws from (before any top-p truncation); see `scale_logits`.
 
     `start` > 0 skips the columns of a shared prompt prefix: the LM head and softmax then run
     only on the positions that are scored (with a ~400-token prompt and ~32 response tokens
@@ -84,13 +99,17 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """
     keep = input_ids.shape[1] - start  # logits at positions start..T-1; the last predicts nothing
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1].float()
+    logits = scale_logits(logits, temperature)
     targets = input_ids[:, start + 1 :].unsqueeze(-1)
     # gather - logsumexp is log_softmax at the target without keeping a second [N, T, V] tensor.
     return torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def group_logprobs(model, prompt_ids: list[int], responses: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_logprobs(model, prompt_ids: list[int], responses: list[list[int]], pad_id: int,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of G responses to one prompt, running the prompt once (prefix sharing).
+
+    `temperature` scales the logits as in `token_logprobs`.
 
     The prompt's forward fills a KV cache that is repeated G times and extended by the
     right-padded responses; gradients flow back through the shared prompt. With a
@@ -116,13 +135,17 @@ def group_logprobs(model, prompt_ids: list[int], responses: list[list[int]], pad
     logits = model(input_ids=resp, attention_mask=attn, position_ids=positions, past_key_values=cache,
                    use_cache=True, logits_to_keep=width).logits[:, :-1]
     # Response token j is predicted at prompt position P-1 (j = 0) or response position j-1.
-    logits = torch.cat([prefix.logits[:, -1:].expand(g, -1, -1), logits], dim=1).float()
+    logits = scale_logits(torch.cat([prefix.logits[:, -1:].expand(g, -1, -1), logits], dim=1).float(), temperature)
     logp = torch.gather(logits, -1, resp.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return logp, mask
 
 
-def merged_lora_state(peft_model, full: bool = False) -> dict[str, torch.Tensor]:
+def merged_lora_state(peft_model, full: bool = False, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Merged weights W + scale * B @ A of every LoRA target, under the base model's HF names.
+
+    The merge runs in fp32; the result is cast to `dtype`, or (None) back to each base weight's
+    dtype. A bf16 cast loses small updates (a delta of 1e-5 on weights of ~0.02 mostly rounds
+    away), so final models are saved in fp32 by default (`save_merged`).
 
     Does not touch the model (no merge/unmerge). `full=False` returns what training changes:
     the LoRA targets, plus the untouched siblings of a vLLM fused group (q/k/v, gate/up) so
@@ -145,8 +168,13 @@ def merged_lora_state(peft_model, full: bool = False) -> dict[str, torch.Tensor]
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
                     m = m + module.get_delta_weight(adapter).float()
-            merged[base_name(name) + ".weight"] = m.to(w.dtype)
+            merged[base_name(name) + ".weight"] = m.to(dtype or w.dtype)
     if full:
+        if dtype is not None:
+            # one cast per storage: tied tensors (embed_tokens / lm_head) stay one tensor
+            cast: dict[int, torch.Tensor] = {}
+            base = {k: cast.setdefault(v.data_ptr(), v.to(dtype)) if v.is_floating_point() else v
+                    for k, v in base.items()}
         return {**base, **merged}
     keys = set(merged)
     for key in merged:
@@ -157,8 +185,24 @@ def merged_lora_state(peft_model, full: bool = False) -> dict[str, torch.Tensor]
     return {k: merged.get(k, base.get(k)) for k in sorted(keys)}
 
 
-def save_merged(peft_model, tokenizer, out_dir, info: dict | None = None) -> Path:
+def save_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """`float32` / `bfloat16` (config `model.save_dtype`) as a torch dtype; None = float32."""
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"save dtype must be one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def save_merged(peft_model, tokenizer, out_dir, info: dict | None = None,
+                dtype: str | torch.dtype | None = None) -> Path:
     """Write `out_dir` as a plain HF model (merged weights) + `adapter/` + tokenizer, atomically.
+
+    The merge runs in fp32 and the model is saved in `dtype` (`save_dtype`; default float32, so an
+    update smaller than bf16's rounding step survives); the adapter beside it is exact either way.
 
     Everything goes to a temp dir beside `out_dir`, the marker file last, then one rename
     swaps it in; the training model is left untouched. Returns the output path.
@@ -169,12 +213,16 @@ def save_merged(peft_model, tokenizer, out_dir, info: dict | None = None) -> Pat
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     base = peft_model.get_base_model()
-    state = {k: v.contiguous() for k, v in merged_lora_state(peft_model, full=True).items()}
+    dtype = save_dtype(dtype)
+    state = {k: v.contiguous() for k, v in merged_lora_state(peft_model, full=True, dtype=dtype).items()}
     base.config.use_cache = True  # an inference model; training turned the cache off
+    train_dtype = getattr(base.config, "dtype", None)
+    base.config.dtype = dtype  # config.json names the saved dtype (loaders with dtype="auto" read it)
     try:
         base.save_pretrained(tmp, state_dict=state)
     finally:
         base.config.use_cache = False
+        base.config.dtype = train_dtype
     peft_model.save_pretrained(tmp / "adapter")
     tokenizer.save_pretrained(tmp)
     marker = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})}

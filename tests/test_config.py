@@ -86,3 +86,22 @@ def test_kv_cache_size_is_explicit_on_cpu_and_independent_of_process_memory():
     if not torch.cuda.is_available():
         got = kv_cache_bytes(EngineConfig(gpu_memory_utilization=0.1))
         assert got == int(0.1 * psutil.virtual_memory().total)
+
+
+def test_grpo_reward_and_off_policy_keys(tmp_path):
+    from mllmrec_ray.config import GRPOConfig
+
+    p = tmp_path / "c.yaml"
+    p.write_text("grpo:\n  reward: {format: 0.5, hit: 2, require_think: true}\n  tis_cap: 2\n"
+                 "  dynamic_sampling: skip\n  max_new_tokens: 32\n  max_new_tokens_think: 300\n")
+    g = load_config(p).grpo
+    assert g.reward.weights() == {"format": 0.5, "hit": 2.0} and g.reward.require_think
+    assert g.tis_cap == 2.0 and g.dynamic_sampling == "skip"
+    assert g.new_tokens == 300  # sized by mode: the think budget
+    assert GRPOConfig(max_new_tokens=32).new_tokens == 32 and GRPOConfig().tis_cap is None
+    for bad, key in [("grpo:\n  tis_cap: 0.5\n", "grpo.tis_cap"), ("grpo:\n  dynamic_sampling: refill\n", "dynamic_sampling"),
+                     ("grpo:\n  reward: {weight: 1}\n", "grpo.reward.weight"), ("grpo:\n  max_new_tokens_think: 0\n", "max_new_tokens_think"),
+                     ("grpo:\n  top_p: 0\n", "grpo.top_p")]:
+        p.write_text(bad)
+        with pytest.raises(ConfigError, match=key):
+            load_config(p)

@@ -112,3 +112,55 @@ def test_masked_mean_and_argument_errors():
         grpo_loss(z, z, None, torch.zeros(1), torch.ones(1, 2), beta=0.1)
     loss, stats = grpo_loss(z, z, None, torch.ones(1), torch.ones(1, 2), beta=0.0)
     assert close(loss, -1.0) and stats["kl"] == 0.0
+
+
+def test_token_weights_scale_only_the_policy_term():
+    # One response, two tokens, on-policy (ratio 1), A = 1: policy term per token = -1 * weight.
+    logp = torch.zeros(1, 2, requires_grad=True)
+    ref = torch.full((1, 2), LN(2.0))
+    w = torch.tensor([[0.5, 2.0]])
+    loss, _ = grpo_loss(logp, logp.detach(), ref, torch.tensor([1.0]), torch.ones(1, 2), beta=0.1, token_weights=w)
+    kl = 1 - LN(2.0)  # k3 at d = ln 2: 2 - ln 2 - 1
+    assert close(loss.detach(), (-0.5 - 2.0) / 2 + 0.1 * kl)
+    loss.backward()
+    # d/dlogp of -w * exp(logp - old) * A at ratio 1 is -w/2 (mean over 2 tokens); KL grad = beta*(1 - exp(d))/2.
+    assert close(logp.grad, [[-0.25 + 0.1 * (1 - 2.0) / 2, -1.0 + 0.1 * (1 - 2.0) / 2]])
+
+
+def test_tis_weights_by_hand():
+    from mllmrec_ray.grpo import tis_weights
+
+    learner = torch.tensor([[-1.0, -2.0, -0.5, 7.0]])
+    sampler = torch.tensor([[-1.0, -1.0, -2.0, float("nan")]])
+    mask = torch.tensor([[1, 1, 1, 1]])
+    # exp(0) = 1; exp(-1) = 0.3679; exp(1.5) = 4.48 -> capped at 2; NaN sampler -> 1.
+    assert close(tis_weights(learner, sampler, mask, cap=2.0), [[1.0, math.exp(-1.0), 2.0, 1.0]])
+    # padding gets weight 1 whatever it holds
+    assert close(tis_weights(learner, sampler, torch.tensor([[1, 0, 0, 0]]), cap=2.0), [[1.0, 1.0, 1.0, 1.0]])
+    with pytest.raises(ValueError):
+        tis_weights(learner, sampler, mask, cap=0.0)
+
+
+def test_logprob_gap_and_zero_variance_groups():
+    from mllmrec_ray.grpo import logprob_gap, zero_variance_groups
+
+    learner = [[-1.0, -2.0], [-0.5, -0.25, -3.0]]
+    sampler = [[-1.1, -1.8], [-0.5, float("nan"), None]]
+    # |0.1| + |0.2| + |0| over 3 scored tokens
+    assert logprob_gap(learner, sampler) == pytest.approx(0.1)
+    assert logprob_gap([[-1.0]], [None]) is None
+    with pytest.raises(ValueError):
+        logprob_gap([[-1.0, -2.0]], [[-1.0]])
+    rewards = torch.tensor([[1.3, 1.3, 1.3], [0.3, 1.3, -1.0], [-1.0, -1.0, -1.0]])
+    assert zero_variance_groups(rewards).tolist() == [True, False, True]
+
+
+def test_dynamic_sampling_skip_drops_zero_variance_groups():
+    from mllmrec_ray.grpo import kept_groups, zero_variance_groups
+
+    zv = zero_variance_groups(torch.tensor([[1.3, 1.3], [0.3, 1.3], [-1.0, -1.0], [0.3, -1.0]]))
+    assert kept_groups(zv, "none") == [0, 1, 2, 3]
+    assert kept_groups(zv, "skip") == [1, 3]
+    assert kept_groups(torch.tensor([True, True]), "skip") == []  # the controller then skips the update
+    with pytest.raises(ValueError):
+        kept_groups(zv, "refill")

@@ -89,6 +89,11 @@ def test_grpo_steps_sync_and_survive_a_killed_rollout_actor(ray_cluster, tiny_ll
         assert r["weights_version"] == r["step"] and r["sync_s"] > 0 and r["rollout_tok_s"] > 0
         assert -1.0 <= r["reward_mean"] <= 1.3 and 0.0 <= r["valid_rate"] <= 1.0
         assert r["kl"] is not None and r["loss"] is not None
+        # reward terms by name, scored on the controller; sampler vs learner gap; sync traffic
+        assert {"reward/format", "reward/hit", "think_rate", "think_len", "skipped_groups"} <= set(r)
+        assert r["reward_mean"] == pytest.approx(r["reward/format"] + r["reward/hit"])  # weights 1 / 1
+        assert 0.0 <= r["zero_var_groups"] <= 1.0 and r["skipped_groups"] == 0  # dynamic_sampling: none
+        assert r["logprob_gap"] is not None and 0.0 <= r["logprob_gap"] < 1.0 and r["sync_bytes"] > 0
     assert rows[1]["actor_restarts"] == 1
     expected, _ = next_batch(6, cfg.grpo.seed, 0, 6)
     assert [s for r in rows for s in r["sample_ids"]] == [f"u{i}" for i in expected]

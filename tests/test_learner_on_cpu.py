@@ -54,12 +54,20 @@ def test_train_step_moves_the_policy_not_the_reference(cluster, tiny, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    cfg = GRPOConfig(lr=1e-2, micro_batch_size=2, updates_per_step=2, bf16=False, beta=0.05)
+    cfg = GRPOConfig(lr=1e-2, micro_batch_size=2, updates_per_step=2, bf16=False, beta=0.05, tis_cap=1.5)
     learner = LearnerActor.options(num_cpus=1).remote(tiny, cfg, LoraConfig(r=8, alpha=16))
     try:
         before = ray.get(learner.logprobs.remote(BATCH))
         assert before["logp"] == before["ref_logp"]  # a fresh adapter (B = 0) is the reference
-        stats = ray.get(learner.train_step.remote(BATCH))
+        # Truncated IS: row 0's sampler was 0.1 nats below the learner (weight e^0.1), row 1's 1 nat
+        # (e^1 capped at 1.5); row 2 has no sampler log-probs (weight 1).
+        sampler = [[x - 0.1 for x in before["logp"][0]], [x - 1.0 for x in before["logp"][1]], None]
+        stats = ray.get(learner.train_step.remote([dict(b, sampler_logp=s) for b, s in zip(BATCH, sampler)]))
+        # the old policy's per-token log-probs (for logprob_gap) are those before the update
+        assert [len(r) for r in stats["old_logp"]] == [3, 2, 4]
+        for got_row, want_row in zip(stats["old_logp"], before["logp"]):
+            assert got_row == pytest.approx(want_row, abs=1e-5)
+        assert stats["tis_weight_mean"] == pytest.approx((3 * np.exp(0.1) + 2 * 1.5 + 4 * 1.0) / 9, abs=1e-4)
         after = ray.get(learner.logprobs.remote(BATCH))
 
         assert stats["sequences"] == 3 and stats["tokens"] == 9 and stats["optimizer_steps"] == 2
@@ -89,7 +97,7 @@ def test_train_step_moves_the_policy_not_the_reference(cluster, tiny, tmp_path):
         model = AutoModelForCausalLM.from_pretrained(out).eval()
         ids, attn, rmask = pad_batch([BATCH[0]["prompt_ids"]], [BATCH[0]["response_ids"]], pad_id=0)
         with torch.no_grad():
-            got = token_logprobs(model, ids, attn)[0][rmask[0].bool()].tolist()
+            got = token_logprobs(model, ids, attn, temperature=cfg.temperature)[0][rmask[0].bool()].tolist()
         assert got == pytest.approx(after["logp"][0], abs=1e-4)
     finally:
         ray.kill(learner)

@@ -127,3 +127,56 @@ def test_partial_state_completes_fused_groups(tiny):
     assert {f"{layer}.mlp.gate_proj.weight", f"{layer}.mlp.up_proj.weight"} <= set(state)
     assert not any("o_proj" in k or "down_proj" in k or "norm" in k for k in state)
     assert all(torch.equal(state[k], full[k]) for k in state)
+
+
+def test_temperature_scales_logits_in_both_logprob_paths(tiny):
+    model = build_policy(tiny, LoraConfig(r=4, alpha=8, dropout=0.0)).eval()
+    _randomise_lora_b(model)
+    prompt, responses = [3, 4, 5, 6], [[9, 10], [12, 13, 14]]
+    ids, attn, rmask = pad_batch([prompt] * 2, responses, pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        want = torch.log_softmax(logits / 0.7, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        full = token_logprobs(model, ids, attn, temperature=0.7)
+        grp, gmask = group_logprobs(model, prompt, responses, pad_id=0, temperature=0.7)
+        plain = token_logprobs(model, ids, attn)
+    assert torch.allclose(full[rmask.bool()], want[rmask.bool()], atol=1e-5)
+    assert torch.allclose(grp[gmask.bool()], want[rmask.bool()], atol=1e-5)
+    assert not torch.allclose(full[rmask.bool()], plain[rmask.bool()], atol=1e-3)
+    # temperature 1 and greedy (<= 0, no distribution) both leave the logits as they are
+    assert torch.equal(token_logprobs(model, ids, attn, temperature=1.0), plain)
+    assert torch.equal(token_logprobs(model, ids, attn, temperature=0.0), plain)
+
+
+def test_fp32_save_keeps_an_update_that_bf16_rounds_away(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    model = build_policy(tiny, LoraConfig(r=4, alpha=8, dropout=0.0), dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a delta of ~1e-5 per entry, far below bf16's step on weights of ~0.02
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 1e-6)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    base_w = merged_lora_state(model, full=True)  # default: back to the base dtype (bf16), as synced
+    exact = merged_lora_state(model, full=True, dtype=torch.float32)
+    orig = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.float()
+    assert base_w[key].dtype == torch.bfloat16 and exact[key].dtype == torch.float32
+    kept_bf16 = (base_w[key].float() != orig).float().mean()
+    kept_fp32 = (exact[key] != orig).float().mean()
+    assert kept_fp32 > 0.9 and kept_bf16 < 0.5 * kept_fp32
+    # tied embeddings stay one tensor through the cast
+    assert exact["lm_head.weight"].data_ptr() == exact["model.embed_tokens.weight"].data_ptr() or \
+        "lm_head.weight" not in exact
+    for name in ("float32", "bfloat16"):
+        out = save_merged(model, load_tokenizer(tiny), tmp_path / name, dtype=name)
+        saved = {}
+        for f in out.glob("*.safetensors"):
+            saved.update(load_file(f))
+        assert saved[key].dtype == getattr(torch, name)
+        assert torch.equal(saved[key].float(), (exact if name == "float32" else base_w)[key].float())
+        assert (out / "adapter" / "adapter_config.json").exists()
+    with pytest.raises(ValueError):
+        save_merged(model, load_tokenizer(tiny), tmp_path / "x", dtype="float16")

@@ -52,3 +52,54 @@ def test_components_and_config():
 
     r, parsed = score("[ITEM_9] Movie 9\n<think>t</think>", TARGET, CANDS)
     assert r == pytest.approx(1.3) and parsed.item_id == "9" and parsed.think == "t"
+
+
+def test_reward_terms_by_name_and_weights():
+    from mllmrec_ray.reward import REWARD_TERMS, reward_terms, weighted_reward
+
+    terms, parsed = reward_terms("[ITEM_9] Movie 9", TARGET, CANDS)
+    assert tuple(terms) == REWARD_TERMS and terms == {"format": 0.3, "hit": 1.0} and parsed.item_id == "9"
+    assert reward_terms("[ITEM_5] Movie 5", TARGET, CANDS)[0] == {"format": 0.3, "hit": 0.0}
+    assert reward_terms("nope", TARGET, CANDS)[0] == {"format": -1.0, "hit": 0.0}
+    # weights 1 / 1 are Eq. 8 (the values of `reward`), others scale each term by hand
+    for text in ("[ITEM_9] Movie 9", "[ITEM_5] Movie 5", "nope"):
+        t = reward_terms(text, TARGET, CANDS)[0]
+        assert weighted_reward(t, {"format": 1.0, "hit": 1.0}) == pytest.approx(reward(text, TARGET, CANDS))
+    assert weighted_reward({"format": 0.3, "hit": 1.0}, {"format": 0.5, "hit": 2.0}) == pytest.approx(0.15 + 2.0)
+    assert weighted_reward({"format": -1.0, "hit": 0.0}, {"format": 0.0, "hit": 2.0}) == 0.0
+    with pytest.raises(ValueError):
+        weighted_reward({"format": 0.3, "hit": 1.0}, {"format": 1.0})
+
+
+@pytest.mark.parametrize(
+    "text,think_first,expected",
+    [
+        # the paper's template: answer line, then a non-empty think block
+        ("[ITEM_9] Movie 9 <think>likes 90s thrillers</think>", False, 1.3),
+        ("[ITEM_9] Movie 9\n<think>likes 90s</think>\n", False, 1.3),
+        ("[ITEM_5] Movie 5 <think>x</think>", False, 0.3),
+        ("[ITEM_9] Movie 9", False, -1.0),  # answer only: malformed, the hit is not paid
+        ("[ITEM_9] Movie 9 <think>  </think>", False, -1.0),  # empty reasoning
+        ("[ITEM_9] Movie 9 <think>unclosed", False, -1.0),
+        ("<think>x</think> [ITEM_9] Movie 9", False, -1.0),  # think-first order under the paper grammar
+        ("<think>x</think>\n[ITEM_9] Movie 9", True, 1.3),  # think_first template
+        ("[ITEM_9] Movie 9", True, -1.0),
+    ],
+)
+def test_require_think_rewards_exactly_the_template(text, think_first, expected):
+    from mllmrec_ray.reward import reward_terms, weighted_reward
+
+    terms, parsed = reward_terms(text, TARGET, CANDS, think_first=think_first, require_think=True)
+    assert weighted_reward(terms, {"format": 1.0, "hit": 1.0}) == pytest.approx(expected)
+    assert parsed.well_formed == (expected > 0)
+    # without require_think the answer-only response keeps its Eq. 8 reward (the ablation row)
+    if text == "[ITEM_9] Movie 9":
+        assert weighted_reward(reward_terms(text, TARGET, CANDS, think_first=think_first)[0],
+                               {"format": 1.0, "hit": 1.0}) == pytest.approx(1.3)
+
+
+def test_think_text():
+    from mllmrec_ray.reward import think_text
+
+    assert think_text("[ITEM_9] Movie 9 <think> a b </think>") == "a b"
+    assert think_text("[ITEM_9] Movie 9 <think>open") is None and think_text("") is None

@@ -1,4 +1,4 @@
-"""RolloutActor on a real local Ray cluster: reward-scored groups and weight sync (object store, gloo).
+"""RolloutActor on a real local Ray cluster: sampled groups with sampler log-probs, weight sync (object store, gloo).
 
 A stand-in learner actor (inheriting WeightSenderMixin, as the real learner does) exports
 perturbed weights of a tiny Llama; after each sync the rollout engine's greedy output must
@@ -14,7 +14,6 @@ import torch
 from actors.rollout import RolloutActor
 from actors.weight_sync import WeightSenderMixin, sync_weights
 from mllmrec_ray.config import EngineConfig, GRPOConfig
-from mllmrec_ray.reward import reward
 from mllmrec_ray.weights import to_buckets
 
 PROMPT = "<|im_start|>user\nCandidates: [ITEM_7] Heat [ITEM_42] Star Wars<|im_end|>\n<|im_start|>assistant\n"
@@ -101,8 +100,16 @@ def test_sync_makes_engine_match_new_weights(rollout, tiny_llama, transport):
     ray.kill(learner)
 
 
-def test_generate_groups_rewards(cluster, tiny_llama):
-    sampling = GRPOConfig(group_size=4, temperature=1.0, top_p=1.0, max_new_tokens=8)
+def test_generate_groups_with_sampler_logprobs(cluster, tiny_llama):
+    # Rollout actors only generate (rewards are scored on the controller) and return the sampler's
+    # log-probs, which the learner's temperature-scaled log-probs must match (bf16 engine, top_p 1).
+    from transformers import AutoModelForCausalLM
+
+    from mllmrec_ray.grpo import logprob_gap
+    from mllmrec_ray.policy import pad_batch, token_logprobs
+
+    temperature = 0.5
+    sampling = GRPOConfig(group_size=4, temperature=temperature, top_p=1.0, max_new_tokens=8)
     actor = RolloutActor.options(num_cpus=0.5).remote(
         str(tiny_llama), EngineConfig(max_model_len=512, kv_cache_gib=0.25), sampling)
     prompts = [{"sample_id": f"u{i}", "prompt": PROMPT, "target": t, "candidates": ["7", "42"]}
@@ -112,9 +119,19 @@ def test_generate_groups_rewards(cluster, tiny_llama):
     for p, g in zip(prompts, groups):
         assert len(g["responses"]) == 4 and g["prompt_ids"] and g["version"] == 0
         for r in g["responses"]:
-            assert r["reward"] == reward(r["text"], p["target"], p["candidates"])
-            assert r["hit"] == (r["reward"] > 1.0) and r["well_formed"] == (r["reward"] > 0)
+            assert "reward" not in r
             assert r["token_ids"] and r["finish_reason"] in ("stop", "length")
+            assert len(r["sampler_logp"]) == len(r["token_ids"]) and all(x <= 0 for x in r["sampler_logp"] if x == x)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).eval()
+    rows = [(g["prompt_ids"], r["token_ids"], r["sampler_logp"]) for g in groups for r in g["responses"]]
+    ids, attn, rmask = pad_batch([x[0] for x in rows], [x[1] for x in rows], pad_id=0)
+    gaps = {}
+    with torch.no_grad():
+        for t in (temperature, 1.0):
+            lp = token_logprobs(model, ids, attn, temperature=t)
+            gaps[t] = logprob_gap([lp[i][rmask[i].bool()].tolist() for i in range(len(rows))], [x[2] for x in rows])
+    assert gaps[temperature] < 0.02, gaps  # same distribution, within bf16 noise
+    assert gaps[1.0] > 5 * gaps[temperature], gaps  # unscaled logits are measurably another distribution
     stats = ray.get(actor.stats.remote())
     assert stats["last"]["completions"] == 12 and stats["last"]["tokens_per_s"] > 0
     # A call seed re-seeds the engine: the same seed draws the same samples (resume), another one differs.
