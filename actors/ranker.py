@@ -27,6 +27,7 @@ from ray import serve
 
 from mllmrec_ray.config import EngineConfig, PipelineConfig, PromptConfig, ServeConfig
 from mllmrec_ray.prompts import render_prompt
+from mllmrec_ray.scoring import rank_samples_over_orders
 from mllmrec_ray.serve_logic import (
     MAX_BODY_BYTES,
     RequestError,
@@ -122,12 +123,18 @@ class VLLMBackend:
 @serve.ingress(app)
 class Ranker:
     def __init__(self, model: str, data_dir: str, captions: str | None, retriever: Retriever,
-                 serve_cfg: ServeConfig, prompt_cfg: PromptConfig, engine_cfg: EngineConfig):
+                 serve_cfg: ServeConfig, prompt_cfg: PromptConfig, engine_cfg: EngineConfig, readout: str = "answer",
+                 order_ensemble: int = 0):
         import ray
 
-        from mllmrec_ray.run_data import load_items
+        from mllmrec_ray.run_data import load_collab, load_items
 
         self.items = load_items(data_dir, captions if prompt_cfg.with_captions else None)
+        self.titles = {i: it.get("title") for i, it in self.items.items()}
+        # the evaluated prompt and readout: what is measured is what is served
+        self.collab = load_collab(data_dir, prompt_cfg)
+        self.readout = readout
+        self.order_ensemble = order_ensemble
         # vLLM where the replica holds a GPU; transformers on CPU (faster there for scoring, no engine start-up)
         self.backend = VLLMBackend(model, engine_cfg) if ray.get_gpu_ids() else HFBackend(model, engine_cfg.dtype)
         self.tokenizer = self.backend.tokenizer
@@ -175,7 +182,7 @@ class Ranker:
             if not pool:  # a history that covers the whole catalogue leaves nothing to retrieve
                 out[n] = RequestError("history", "every catalogue item is in the history; nothing left to recommend")
                 continue
-            messages = prompt_messages(r.history, pool, self.items, self.prompt.with_captions, self.prompt.think_first)
+            messages = self._messages({"history": r.history, "candidates": pool})
             ids = self._encode(render_prompt(self.tokenizer, messages))
             answer_ids = [self._encode(a) for a in answers(pool, self.items)]
             length = len(ids) + max(map(len, answer_ids)) + (EXPLAIN_MAX_NEW_TOKENS + 32 if r.explain else 0)
@@ -185,7 +192,9 @@ class Ranker:
                                              "send fewer or shorter items")
             else:
                 work.append((n, pool, ids, answer_ids))
-        scores = self.backend.score([w[2] for w in work], [w[3] for w in work]) if work else []
+        rows = [{"history": reqs[n].history, "candidates": pool} for n, pool, _, _ in work]
+        scores = rank_samples_over_orders(self.backend, self.tokenizer, rows, self._messages, self.titles,
+                                          self.readout, self.order_ensemble)[1] if work else []
         logger.info("ranked a batch of %d request(s), %d candidates", len(work), sum(len(w[1]) for w in work))
         explain = []  # (request index, prompt + the top answer + <think>)
         for (n, pool, ids, _), s in zip(work, scores):
@@ -200,6 +209,10 @@ class Ranker:
             for (n, _), text in zip(explain, texts):
                 out[n]["reasoning"] = cut_reasoning(text)
         return out
+
+    def _messages(self, row: dict, without_history: bool = False) -> list[dict]:
+        return prompt_messages([] if without_history else row["history"], row["candidates"], self.items,
+                               self.prompt.with_captions, self.prompt.think_first, self.collab)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -245,7 +258,7 @@ def build_app(cfg: PipelineConfig, model: str, data_dir: str | Path, captions: s
     retriever = fit_retriever(cfg.serve.retrieval, data_dir, seed=cfg.data.seed)
     return Ranker.options(**deployment_options(cfg.serve)).bind(
         resolve_model(str(model)), str(data_dir), None if captions is None else str(captions), retriever,
-        cfg.serve, cfg.prompt, cfg.model.engine)
+        cfg.serve, cfg.prompt, cfg.model.engine, cfg.eval.readout, cfg.eval.order_ensemble)
 
 
 def app_builder(args: dict):

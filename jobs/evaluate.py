@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--order-shuffles", type=int, help="also score the first --shuffle-samples samples with "
                         "their candidate list shuffled N times and record the sensitivity")
     parser.add_argument("--shuffle-samples", type=int, default=64)
+    parser.add_argument("--order-ensemble", type=int, help="score mode: average each candidate's score over the "
+                        "stored order and N shuffled candidate orders (default eval.order_ensemble, else 0)")
     parser.add_argument("--votes", type=int, default=0,
                         help="generate mode: sample N answers per prompt and rank candidates by how often they "
                              "are chosen, ties by their score-mode score (0 = parse one generated top-K list)")
@@ -67,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
     from mllmrec_ray.parsing import parse_answer, parse_ranking
     from mllmrec_ray.prompts import render_prompt, sample_messages
     from mllmrec_ray.run_data import load_collab, load_items
-    from mllmrec_ray.scoring import rank_samples, ranking_messages, vote_ranking
+    from mllmrec_ray.scoring import rank_samples, rank_samples_over_orders, ranking_messages, vote_ranking
 
     data = Path(args.data)
     name = args.name or Path(args.model.rstrip("/")).name
@@ -84,8 +86,9 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config) if args.config else PipelineConfig()
     readout = args.readout or (cfg.eval.readout if args.config else "answer")
     shuffles = args.order_shuffles if args.order_shuffles is not None else (cfg.eval.order_shuffles if args.config else 0)
-    if shuffles < 0:
-        raise SystemExit(f"error: --order-shuffles {shuffles} must be >= 0")
+    ensemble = args.order_ensemble if args.order_ensemble is not None else (cfg.eval.order_ensemble if args.config else 0)
+    if shuffles < 0 or ensemble < 0:
+        raise SystemExit(f"error: --order-shuffles {shuffles} and --order-ensemble {ensemble} must be >= 0")
     if args.collab is not None:
         cfg.prompt.collab = args.collab == "on"
     elif not args.config:
@@ -139,7 +142,8 @@ def main(args: argparse.Namespace) -> int:
         for start in range(0, len(rows), args.batch):
             batch = rows[start:start + args.batch]
             if args.mode == "score":
-                rankings += rank_samples(scorer, tokenizer, batch, messages_of, titles, readout)[0]
+                rankings += rank_samples_over_orders(scorer, tokenizer, batch, messages_of, titles, readout,
+                                                     ensemble, args.seed)[0]
             elif args.votes:
                 groups = engine.generate([prompt_ids(r, False) for r in batch], n=args.votes, temperature=1.0,
                                          top_p=1.0, max_tokens=32)
@@ -160,7 +164,8 @@ def main(args: argparse.Namespace) -> int:
              "think_first": args.think_first, "dtype": args.dtype, "seconds": round(seconds, 2),
              "samples_per_s": round(len(rows) / seconds, 3) if seconds else None}
     if args.mode == "score":
-        extra.update(scorer=args.scorer, readout=readout, collab=collab is not None, weights=args.weights)
+        extra.update(scorer=args.scorer, readout=readout, collab=collab is not None, weights=args.weights,
+                     order_ensemble=ensemble)
         if shuffles:
             extra["order_sensitivity"] = order_sensitivity(scorer, tokenizer, rows[:args.shuffle_samples],
                                                            messages_of, titles, readout, shuffles, args.seed,

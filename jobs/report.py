@@ -213,8 +213,32 @@ def write_report(run_dir: Path) -> dict:
             atomic_write_json(run_dir / "paired.json", pairs)
         else:
             (run_dir / "paired.json").unlink(missing_ok=True)  # stale from an earlier report
+        order = order_table(records)
+        if order:
+            out["order"] = order
+            md += "\n" + order + "\n"
         atomic_write_text(run_dir / "results.md", md)
     return out
+
+
+def order_table(records: list[dict]) -> str:
+    """Candidate-order sensitivity of the LLM rows (eval.order_shuffles): the same samples scored with
+    the candidate list in the prompt as stored and shuffled; a ranker that reads the evidence barely moves."""
+    rows = [r for r in records if r.get("order_sensitivity")]
+    if not rows:
+        return ""
+    lines = ["Candidate-order sensitivity (same samples, candidate list shuffled in the prompt)", "",
+             "| model | n | HR@3 as stored | HR@3 shuffled | NDCG@3 as stored | NDCG@3 shuffled | top-1 unchanged |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o = r["order_sensitivity"]
+        shuffled = o["shuffled"]
+        hr = ", ".join(f"{x['HR@3']:.3f}" for x in shuffled)
+        ndcg = ", ".join(f"{x['NDCG@3']:.3f}" for x in shuffled)
+        top1 = ", ".join(f"{a:.2f}" for a in o["top1_agreement"])
+        lines.append(f"| {r['model']} | {o['n']} | {o['original']['HR@3']:.3f} | {hr} | "
+                     f"{o['original']['NDCG@3']:.3f} | {ndcg} | {top1} |")
+    return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

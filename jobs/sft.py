@@ -122,7 +122,7 @@ def train_loop(config: dict) -> None:
             save_merged(engine.module, tokenizer, config["out"],
                         info={"base_model": config["model_path"], "steps": step, "first_loss": first_loss,
                               "last_loss": metrics["loss"] if step else None, "examples": len(examples),
-                              "sft": config["sft"], "lora": config["lora"]})
+                              "sft": config["sft"], "lora": config["lora"]}, dtype=config["save_dtype"])
             say(f"[sft] merged model and adapter written to {config['out']}")
 
 
@@ -196,15 +196,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"[sft] wrote {len(texts)} training examples to {args.write_prompts}; not training", flush=True)
         return 0
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, num_cpus=None if address else cfg.ray_num_cpus)
+    from jobs.common import init_ray
+
+    init_ray(cfg.ray_num_cpus)  # the pipeline's head, a Ray Job's cluster, or a private loopback one
     use_gpu = sft.resources.num_gpus > 0
     resources = {"CPU": sft.resources.num_cpus, **({"GPU": sft.resources.num_gpus} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"examples": ray.put(examples), "model_path": model_path, "out": str(out),
                            "sft": dataclasses.asdict(sft), "lora": dataclasses.asdict(cfg.model.lora),
+                           "save_dtype": cfg.model.save_dtype,
                            "max_steps": args.max_steps},
         scaling_config=ScalingConfig(num_workers=sft.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"sft-{out.parent.name}-{time.strftime('%Y%m%d-%H%M%S')}"),

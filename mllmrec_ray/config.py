@@ -103,7 +103,7 @@ class LoraConfig:
 class ModelConfig:
     """Policy model: a local HF directory, a cache alias (`smollm2-135m`) or a hub name.
 
-    save_dtype: dtype of the merged GRPO model (`models/grpo`; the merge itself runs in fp32).
+    save_dtype: dtype of the merged SFT and GRPO models (`models/sft`, `models/grpo`; the merge itself runs in fp32).
         `float32` (default) keeps updates smaller than bf16's rounding step; `bfloat16` halves
         the size (e.g. an 8B model on GPUs) and the exact adapter stays beside it in `adapter/`.
     """
@@ -263,6 +263,8 @@ class EvalConfig:
         the same score under the prompt without the history.
     order_shuffles: also score each sample with its candidate list shuffled this many times and
         record how much the metrics move (sensitivity to candidate order).
+    order_ensemble: rank by each candidate's score averaged over the stored order and this many
+        seeded shuffles of the candidate list (permutation self-consistency; serving does the same).
 
     max_samples: LLM rows on the first N samples of the split only (smoke runs); the
         baselines always use the whole split, and the results table's `n` column says which.
@@ -271,13 +273,15 @@ class EvalConfig:
     mode: Literal["score", "generate"] = "score"
     readout: Literal["answer", "id", "calibrated"] = "answer"
     order_shuffles: int = 0
+    order_ensemble: int = 0
     split: Literal["train", "valid", "test"] = "test"
     max_samples: int | None = None
     models: list[str] = field(default_factory=lambda: ["base", "sft", "grpo", "pop", "sasrec"])
 
     def __post_init__(self):
-        if self.order_shuffles < 0:
-            raise ConfigError(f"eval.order_shuffles: {self.order_shuffles!r} must be >= 0")
+        for key in ("order_shuffles", "order_ensemble"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"eval.{key}: {getattr(self, key)!r} must be >= 0")
         known = {"base", "sft", "grpo", "pop", "sasrec", "collab", "random", "min-id"}
         unknown = [m for m in self.models if m not in known]
         if unknown:

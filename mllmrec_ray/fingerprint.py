@@ -51,7 +51,7 @@ STAGE_READS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "cot": (("stage1", "model.name", "model.engine", "data.seed"),
             (*_STAGE1_EXECUTION, "stage1.captioner*", "stage1.embedder", "stage1.p_sft", "stage1.p_grpo")),
     "mda": (("stage1.embedder", "stage1.p_sft", "stage1.p_grpo", "stage1.cot_source", "stage1.mda*"), ()),
-    "sft": (("sft", "model.name", "model.lora", "prompt", "stage1.cot_source"), ()),
+    "sft": (("sft", "model.name", "model.lora", "model.save_dtype", "prompt", "stage1.cot_source"), ()),
     "grpo": (("grpo", "model", "prompt", "stage1.cot_source"), ()),
     "eval-*": (("eval", "prompt", "model.engine"), ("eval.models",)),
     "report": ((), ()),

@@ -108,13 +108,16 @@ def top_n_excluding(order: Sequence[str], exclude: Sequence[str], n: int) -> lis
 
 
 def prompt_messages(history: Sequence[str], candidates: Sequence[str], items: Mapping[str, Mapping[str, Any]],
-                    with_captions: bool, think_first: bool) -> list[dict]:
+                    with_captions: bool, think_first: bool, collab=None) -> list[dict]:
+    """The ranking prompt of a request, built like the training prompts (collab: the same evidence;
+    a request has no user, so nobody is left out of the statistics)."""
     def as_dict(i: str) -> dict:
         it = items[i]
         return {"item_id": i, "title": it.get("title"), "caption": it.get("caption")}
 
+    evidence = None if collab is None else collab.texts(list(history), list(candidates))
     return build_messages([as_dict(i) for i in history], [as_dict(i) for i in candidates],
-                          with_captions=with_captions, think_first=think_first)
+                          with_captions=with_captions, think_first=think_first, evidence=evidence)
 
 
 def answers(candidates: Sequence[str], items: Mapping[str, Mapping[str, Any]]) -> list[str]:

@@ -108,3 +108,17 @@ def test_rank_by_evidence_orders_by_follows_then_popularity():
 def test_unknown_item_in_a_window_is_named():
     with pytest.raises(ValueError, match="'99'"):
         fit_collab({"a": ["1", "99"]}, CATALOGUE)
+
+
+def test_served_prompt_equals_the_evaluated_prompt():
+    """Serving builds the same prompt (evidence included) as evaluation for the same history and candidates."""
+    from mllmrec_ray.serve_logic import prompt_messages
+
+    items, _, samples = _protocol()
+    st = fit_collab(training_sequences(samples.to_dict("records")), items["item_id"].tolist())
+    item_rows = {r["item_id"]: dict(r, caption=None) for r in items.to_dict("records")}
+    for s in samples[samples.split == "test"].to_dict("records")[:3]:
+        visible = {"sample_id": s["sample_id"], "user_id": s["user_id"], "history": s["history"],
+                   "candidates": s["candidates"]}
+        assert prompt_messages(s["history"], s["candidates"], item_rows, False, False, st) == \
+            sample_messages(visible, item_rows, collab=st)

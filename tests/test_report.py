@@ -143,3 +143,17 @@ def test_tampered_ranking_fails_naming_the_file(tmp_path):
     write_rankings(path, ids, rankings)
     with pytest.raises(ValueError, match=r"pop\.rankings\.parquet: ranking of 'u\d+' is not distinct"):
         write_report(tmp_path)
+
+
+def test_order_sensitivity_table(tmp_path):
+    (tmp_path / "eval").mkdir()
+    rec = _record("sft", 0.7)
+    rec["order_sensitivity"] = {"shuffles": 2, "n": 40, "original": {"HR@3": 0.725, "NDCG@3": 0.586},
+                                "shuffled": [{"HR@3": 0.7, "NDCG@3": 0.55}, {"HR@3": 0.675, "NDCG@3": 0.557}],
+                                "top1_agreement": [0.525, 0.475]}
+    (tmp_path / "eval" / "sft.json").write_text(json.dumps(rec))
+    (tmp_path / "eval" / "pop.json").write_text(json.dumps(_record("pop", 0.62)))
+    write_report(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "| sft | 40 | 0.725 | 0.700, 0.675 | 0.586 | 0.550, 0.557 | 0.53, 0.47 |" in md
+    assert md.count("Candidate-order sensitivity") == 1
