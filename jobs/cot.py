@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "are recorded as prompt_too_long")
     parser.add_argument("--with-images", action="store_true",
                         help="give the pseudo-CoT model the cover images (it must be a VLM)")
-    parser.add_argument("--judge-samples", type=int, default=4, help="CoTs per source scored by the judge (0: none)")
+    parser.add_argument("--judge-samples", type=int, help="CoTs per source scored by the judge (0: none; default "
+                        "stage1.judge_samples)")
     parser.add_argument("--judge-model", help="judge model (default: the refiner model, same backend)")
     parser.add_argument("--judge-retries", type=int, default=2, help="re-asks for an invalid judge reply")
     parser.add_argument("--judge-max-new-tokens", type=int, default=512)
@@ -101,6 +102,8 @@ def main(args: argparse.Namespace) -> int:
     from mllmrec_ray.stage1_store import PartStore, content_hash, row_key
 
     cfg = load_cfg(args)
+    if args.judge_samples is None:
+        args.judge_samples = cfg.stage1.judge_samples
     s1 = cfg.stage1
     data, stage1 = Path(args.data), Path(args.stage1)
     items = {r["item_id"]: r for r in pq.read_table(data / "items.parquet").to_pylist()}

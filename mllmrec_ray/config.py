@@ -298,6 +298,8 @@ class Stage1Config:
     Ablations (paper Table 2): cot_source `pseudo` skips refinement; refine_with_pseudo_cot /
         refine_with_captions drop an input of the refiner.
     MDA: keep the top p_sft / p_grpo fraction of samples by s_u (MiniLM `embedder`).
+    Audit: judge_samples CoTs per source scored by the LLM judge (Appendix D; 0 = none); the
+        leakage check always covers every CoT.
     Scale: pool_size actors, batch_size rows per call, `resources` per actor.
     """
 
@@ -314,9 +316,17 @@ class Stage1Config:
     embedder: str = "all-MiniLM-L6-v2"
     p_sft: float = 0.1
     p_grpo: float = 0.05
+    judge_samples: int = 4
     pool_size: int = 1
     batch_size: int = 8
     resources: ResourceConfig = field(default_factory=ResourceConfig)
+
+    def __post_init__(self):
+        if self.judge_samples < 0:
+            raise ConfigError(f"stage1.judge_samples: {self.judge_samples!r} must be >= 0")
+        for key in ("p_sft", "p_grpo"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"stage1.{key}: {getattr(self, key)!r} must be in [0, 1]")
 
 
 @dataclass
