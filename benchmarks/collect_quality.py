@@ -24,6 +24,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
+    p.add_argument("--timings", type=Path, help="the pipeline's console log: its last lines (stage timings) are kept")
     args = p.parse_args()
     run = args.run_dir
     if not (run / "eval").is_dir():
@@ -49,8 +50,10 @@ def main() -> int:
     manifest = json.loads((run / "data" / "manifest.json").read_text()) if (run / "data" / "manifest.json").exists() else {}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=run.resolve().parent).stdout.strip() or None
-    provenance = {"run": str(run), "data_seed": manifest.get("seed"), "dataset": manifest.get("dataset"),
+    provenance = {"run": str(run), "data_seed": manifest.get("config", {}).get("seed"), "dataset": manifest.get("dataset"),
                   "commit_of_the_run_checkout": commit}
+    if args.timings:
+        provenance["pipeline_console"] = args.timings.read_text().splitlines()[-40:]
     (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.replace(dest)

@@ -61,7 +61,7 @@ def plan(cfg: PipelineConfig, config_path: Path, run_dir: Path) -> list[tuple[st
             stages.append((baseline, ["baseline", "--data", str(data), "--model", baseline, "--split", cfg.eval.split,
                                       "--candidates", str(cfg.prompt.n_candidates), "--seed", str(d.seed), "--max-seconds", "0",
                                       "--out", str(evals / f"{baseline}.json")], evals / f"{baseline}.json"))
-    if "sasrec" in cfg.eval.models:
+    if "sasrec-full" in cfg.eval.models:
         # the labelled extra row: SASRec on the training users' full sequences, not the shared windows
         stages.append(("sasrec-full", ["baseline", "--data", str(data), "--model", "sasrec", "--name", "sasrec-full",
                                        "--train-data", "full", "--split", cfg.eval.split,

@@ -282,7 +282,7 @@ class EvalConfig:
         for key in ("order_shuffles", "order_ensemble"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"eval.{key}: {getattr(self, key)!r} must be >= 0")
-        known = {"base", "sft", "grpo", "pop", "sasrec", "collab", "random", "min-id"}
+        known = {"base", "sft", "grpo", "pop", "sasrec", "sasrec-full", "collab", "random", "min-id"}
         unknown = [m for m in self.models if m not in known]
         if unknown:
             raise ConfigError(f"eval.models: {unknown[0]!r} is not one of {sorted(known)}")

@@ -20,7 +20,7 @@ from mllmrec_ray import fingerprint as fp
 from mllmrec_ray.config import PipelineConfig, to_dict
 
 REPO = Path(__file__).resolve().parent.parent
-ALL = ["prepare", "pop", "sasrec", "sasrec-full", "random", "min-id", "collab", "textualize", "cot", "mda", "sft",
+ALL = ["prepare", "pop", "sasrec", "random", "min-id", "collab", "textualize", "cot", "mda", "sft",
        "grpo", "eval-base", "eval-sft", "eval-grpo", "report"]
 
 # ----------------------------------------------------------------------------- pure logic
@@ -57,7 +57,8 @@ def test_normalize_argv_and_settings_diff():
 def test_dependencies():
     deps = fp.dependencies(ALL, with_captions=True)
     assert deps["prepare"] == []
-    assert deps["pop"] == ["prepare"] and deps["sasrec-full"] == ["prepare"]
+    assert deps["pop"] == ["prepare"] and deps["collab"] == ["prepare"]
+    assert fp.dependencies(["prepare", "sasrec-full"], with_captions=False)["sasrec-full"] == ["prepare"]
     assert deps["grpo"] == ["prepare", "textualize", "cot", "mda", "sft"]
     assert deps["eval-base"] == ["prepare", "textualize"]
     assert deps["eval-grpo"] == ["prepare", "textualize", "cot", "mda", "sft", "grpo"]
@@ -239,7 +240,7 @@ def test_changing_one_grpo_key_reruns_grpo_and_downstream_only(run):
     assert rc == 0 and ran == [] and tree(run.run_dir) == before  # --dry-run writes nothing
     assert out.splitlines() == [
         "prepare: skip (up to date)", "pop: skip (up to date)", "sasrec: skip (up to date)",
-        "sasrec-full: skip (up to date)", "random: skip (up to date)", "min-id: skip (up to date)",
+        "random: skip (up to date)", "min-id: skip (up to date)",
         "collab: skip (up to date)", "textualize: skip (up to date)", "cot: skip (up to date)",
         "mda: skip (up to date)", "sft: skip (up to date)",
         "grpo: run (settings changed: grpo.lr 0.0001 -> 5e-05)",
