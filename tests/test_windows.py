@@ -137,7 +137,8 @@ def test_bad_window_options():
 
 def test_config_window_keys(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("data: {train_windows: sliding, window_stride: 2, max_windows_per_user: 5}\n")
+    p.write_text("data: {train_windows: sliding, window_stride: 2, max_windows_per_user: 5}\n"
+                 "eval: {models: [pop, sasrec, sasrec-full]}\n")
     d = load_config(p).data
     assert (d.train_windows, d.window_stride, d.max_windows_per_user) == ("sliding", 2, 5)
     for text, match in (("data: {train_windows: all}\n", r"data\.train_windows.*'last', 'sliding'"),
@@ -179,7 +180,8 @@ def test_pipeline_prepare_and_baseline_stages(tmp_path):
     from jobs.pipeline import plan
 
     p = tmp_path / "c.yaml"
-    p.write_text("data: {train_windows: sliding, window_stride: 2, max_windows_per_user: 5}\n")
+    p.write_text("data: {train_windows: sliding, window_stride: 2, max_windows_per_user: 5}\n"
+                 "eval: {models: [pop, sasrec, sasrec-full]}\n")
     stages = {name: argv for name, argv, _ in plan(load_config(p), p, tmp_path / "run")}
     prep = stages["prepare"]
     assert prep[prep.index("--train-windows") + 1] == "sliding" and prep[prep.index("--window-stride") + 1] == "2"
@@ -188,6 +190,8 @@ def test_pipeline_prepare_and_baseline_stages(tmp_path):
     full = stages["sasrec-full"]
     assert full[full.index("--train-data") + 1] == "full" and full[full.index("--name") + 1] == "sasrec-full"
     assert full[full.index("--out") + 1].endswith("eval/sasrec-full.json")
+    p.write_text("eval: {models: [pop, sasrec]}\n")  # the extra row only where listed
+    assert "sasrec-full" not in {name for name, _, _ in plan(load_config(p), p, tmp_path / "run")}
 
 
 def _hot_item_data(d):
