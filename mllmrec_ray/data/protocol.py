@@ -41,6 +41,15 @@ def _candidates(rng, target: int, seen: set[int], n_items: int, k: int, user: st
     return [int(i) for i in rng.permutation([target] + negatives)]
 
 
+def _row(sample_id: str, user: str, split: str, history, target: int, c10, c100, position: int,
+         catalogue: list) -> dict:
+    """One samples.parquet row; item indices become catalogue ids."""
+    return {"sample_id": sample_id, "user_id": user, "split": split,
+            "history": [catalogue[i] for i in history], "target": catalogue[target],
+            "candidates": [catalogue[i] for i in c10],
+            "candidates_100": None if c100 is None else [catalogue[i] for i in c100], "position": position}
+
+
 def build_samples(items: pd.DataFrame, interactions: pd.DataFrame, *, min_inter: int = 10, negatives: int = 9,
                   negatives_large: int = 99, seed: int = 0, split=(0.7, 0.1, 0.2),
                   tie_break: str = "item", train_windows: str = "last", window_stride: int = 1,
@@ -121,16 +130,7 @@ def build_samples(items: pd.DataFrame, interactions: pd.DataFrame, *, min_inter:
         c10 = _candidates(streams[1], target, seen, len(catalogue), negatives, user)
         c100 = (_candidates(streams[2], target, seen, len(catalogue), negatives_large, user)
                 if negatives_large else None)
-        rows.append({
-            "sample_id": f"u{user}",
-            "user_id": user,
-            "split": split_of[pos],
-            "history": [catalogue[i] for i in window[:-1]],
-            "target": catalogue[target],
-            "candidates": [catalogue[i] for i in c10],
-            "candidates_100": None if c100 is None else [catalogue[i] for i in c100],
-            "position": len(seq) - 1,
-        })
+        rows.append(_row(f"u{user}", user, split_of[pos], window[:-1], target, c10, c100, len(seq) - 1, catalogue))
     extra_windows = 0
     if train_windows == "sliding":
         for pos, user in enumerate(kept):
@@ -146,16 +146,8 @@ def build_samples(items: pd.DataFrame, interactions: pd.DataFrame, *, min_inter:
                 c10 = _candidates(streams[3], target, seen, len(catalogue), negatives, user)
                 c100 = (_candidates(streams[4], target, seen, len(catalogue), negatives_large, user)
                         if negatives_large else None)
-                rows.append({
-                    "sample_id": f"u{user}_t{p}",
-                    "user_id": user,
-                    "split": "train",
-                    "history": [catalogue[i] for i in seq[p - min_inter + 1:p]],
-                    "target": catalogue[target],
-                    "candidates": [catalogue[i] for i in c10],
-                    "candidates_100": None if c100 is None else [catalogue[i] for i in c100],
-                    "position": p,
-                })
+                rows.append(_row(f"u{user}_t{p}", user, "train", seq[p - min_inter + 1:p], target, c10, c100, p,
+                                 catalogue))
                 extra_windows += 1
     samples = pd.DataFrame(rows, columns=["sample_id", "user_id", "split", "history", "target",
                                           "candidates", "candidates_100", "position"])
