@@ -120,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             from mllmrec_ray.scoring import HFScorer
 
-            scorer = HFScorer(model_path, dtype=args.dtype, adapter=args.weights == "adapter")
+            scorer = HFScorer(model_path, dtype=args.dtype, adapter=args.weights == "adapter", batch=args.batch)
             tokenizer = scorer.tokenizer
 
     def messages_of(row: dict, without_history: bool = False) -> list[dict]:
@@ -139,8 +139,10 @@ def main(args: argparse.Namespace) -> int:
     rankings: list[list[str] | None] = []
     t0 = time.perf_counter()
     with tqdm(total=len(rows), desc=f"eval {name} ({args.mode})", unit="sample") as bar:
-        for start in range(0, len(rows), args.batch):
-            batch = rows[start:start + args.batch]
+        # score mode hands the scorer several batches at once: it groups prompts of similar length
+        step = args.batch * (4 if args.mode == "score" else 1)
+        for start in range(0, len(rows), step):
+            batch = rows[start:start + step]
             if args.mode == "score":
                 rankings += rank_samples_over_orders(scorer, tokenizer, batch, messages_of, titles, readout,
                                                      ensemble, args.seed)[0]

@@ -40,7 +40,15 @@ def build_prompts(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, tokeniz
     prompts = []
     samples = load_samples(data_dir, "train")
     if cfg.grpo.max_prompts is not None and cfg.grpo.max_prompts < len(samples):
-        samples = pick_samples(samples, set(reasoning), cfg.grpo.max_prompts, cfg.grpo.seed)
+        # windows SFT trained on come last: rewards on unseen windows measure what generalises,
+        # not how well SFT's answers are recalled (the same seeds would otherwise pick the same windows)
+        sft_seen = set()
+        if cfg.sft.max_samples is not None and cfg.sft.max_samples < len(samples):
+            sft_reasoning = load_reasoning(stage1_dir / "cot.parquet", stage1_dir / "mda.parquet", "selected_sft",
+                                           cfg.stage1.cot_source)
+            sft_seen = {s["sample_id"] for s in pick_samples(samples, set(sft_reasoning), cfg.sft.max_samples,
+                                                             cfg.sft.seed)}
+        samples = pick_samples(samples, set(reasoning), cfg.grpo.max_prompts, cfg.grpo.seed, avoid=sft_seen)
     for s in samples:
         messages = sample_messages(
             {k: v for k, v in s.items() if k != "target"}, items, reasoning=reasoning.get(s["sample_id"]),

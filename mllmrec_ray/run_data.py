@@ -31,8 +31,9 @@ def load_samples(data_dir: str | os.PathLike, split: str) -> list[dict]:
     return table.to_pylist()
 
 
-def pick_samples(samples: list[dict], must: set[str], n: int, seed: int) -> list[dict]:
-    """`n` training samples: every MDA-selected (CoT) sample first, then a seeded random fill.
+def pick_samples(samples: list[dict], must: set[str], n: int, seed: int, avoid: set[str] = frozenset()) -> list[dict]:
+    """`n` training samples: every MDA-selected (CoT) sample first, then a seeded random fill that
+    takes samples outside `avoid` first and falls back to those in it only when the rest run out.
 
     A random subset alone would drop the few CoT samples (the demo's 96 of 660 held none of its 2),
     and with sliding windows the file lists one user's windows together, so no prefix either.
@@ -41,8 +42,11 @@ def pick_samples(samples: list[dict], must: set[str], n: int, seed: int) -> list
     import random
 
     first = [i for i, s in enumerate(samples) if s["sample_id"] in must][:n]
-    rest = [i for i, s in enumerate(samples) if s["sample_id"] not in must]
-    keep = first + random.Random(seed).sample(rest, min(len(rest), n - len(first)))
+    fresh = [i for i, s in enumerate(samples) if s["sample_id"] not in must and s["sample_id"] not in avoid]
+    seen = [i for i, s in enumerate(samples) if s["sample_id"] not in must and s["sample_id"] in avoid]
+    rng = random.Random(seed)
+    keep = first + rng.sample(fresh, min(len(fresh), n - len(first)))
+    keep += rng.sample(seen, min(len(seen), n - len(keep)))
     return [samples[i] for i in sorted(keep)]
 
 

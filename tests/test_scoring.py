@@ -35,9 +35,13 @@ def case(tiny_llama):
     return prompts, answers, expected
 
 
-def test_hf_scorer_matches_naive(tiny_llama, case):
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_hf_scorer_matches_naive(tiny_llama, case, batch):
+    """Unbatched (1), batched with a remainder (3) and all prompts in one left-padded forward (8)
+    give the naive per-candidate numbers: padding and packing change nothing."""
     prompts, answers, expected = case
-    got = HFScorer(str(tiny_llama), dtype="float32", chunk=3).score(prompts, answers)  # chunk < answers: 2 chunks
+    scorer = HFScorer(str(tiny_llama), dtype="float32", chunk=3, batch=batch)  # chunk < answers: 2 chunks
+    got = scorer.score(prompts, answers)
     for g, e in zip(got, expected):
         assert g == pytest.approx(e, abs=1e-3)
 
