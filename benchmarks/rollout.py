@@ -1,10 +1,17 @@
 """Rollout throughput: RolloutActor pools (1 and 2 actors) vs the raw vLLM engine on the same prompts,
-and learner -> rollout weight sync seconds per transport.
+and learner -> rollout weight sync per transport: adapter only (`lora`) vs merged weights.
 
 Usage: python benchmarks/rollout.py [--model smollm2-135m] [--data RUN/data] [--prompts 16]
-           [--group-size 8] [--max-new-tokens 32] [--actors 1,2] [--repeats 3] [--sync object_store,gloo]
+           [--group-size 8] [--max-new-tokens 32] [--actors 1,2] [--repeats 3]
+           [--sync lora,object_store,gloo] [--sync-actors 2] [--lora-r 16] [--lora-targets q_proj,k_proj,v_proj,o_proj]
 Without --data the prompts are synthetic recommendation prompts of the same shape
 (9 watched + 10 candidates). Tokens/s counts generated tokens over wall time.
+
+Sync: the real learner actor (DeepSpeed, bf16) takes one GRPO step, then sends what the pipeline
+sends: the adapter (`lora`, to engines built with vLLM's LoRA) or the merged LoRA targets (merged
+transports, full=False, to plain engines). Per transport: seconds and bytes of a sync (after a
+first, warm-up sync), its share of the model's bytes, and the engines' tokens/s after it (the
+LoRA engines then generate through the adapter: the price of adapter-only sync on the rollout).
 """
 
 from __future__ import annotations
@@ -37,6 +44,49 @@ def make_prompts(tokenizer, data: str | None, n: int) -> list[dict]:
     return prompts
 
 
+def measure_sync(args, model: str, engine_cfg, grpo, prompts: list[dict], ids: list[list[int]]) -> dict:
+    """Sync seconds / bytes per transport from the real learner after one GRPO step, and the
+    rollout tokens/s of the synced engines."""
+    import ray
+
+    from actors.learner import LearnerActor
+    from actors.rollout import RolloutActor
+    from actors.weight_sync import sync_weights
+    from mllmrec_ray.config import GRPOConfig, LoraConfig
+
+    lora = LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0, target_modules=args.lora_targets.split(","))
+    learner = LearnerActor.options(num_cpus=1).remote(model, GRPOConfig(lr=1e-4, micro_batch_size=8), lora)
+    # one step on a real group so B != 0: a merged sync then carries a real update
+    batch = [{"prompt_ids": ids[0][:-32], "response_ids": ids[0][-32:-16], "advantage": 1.0},
+             {"prompt_ids": ids[0][:-32], "response_ids": ids[0][-16:], "advantage": -1.0}]
+    ray.get(learner.train_step.remote(batch))
+    model_bytes = ray.get(learner.model_bytes.remote())
+    cpus = max(1.0, float((os.cpu_count() or 1) // args.sync_actors))
+    out: dict = {"model_bytes": model_bytes, "lora_config": {"r": lora.r, "targets": lora.target_modules},
+                 "actors": args.sync_actors}
+    for version, transport in enumerate(args.sync.split(","), start=1):
+        actors = [RolloutActor.options(num_cpus=cpus).remote(model, engine_cfg, grpo, lora=lora if transport == "lora"
+                                                             else None, require_lora=transport == "lora")
+                  for _ in range(args.sync_actors)]
+        sync_weights(learner, actors, transport, 10 * version, full=False)  # first sync builds any group
+        info = sync_weights(learner, actors, transport, 10 * version + 1, full=False)
+        shards = [prompts[i::len(actors)] for i in range(len(actors))]
+        ray.get([a.generate_groups.remote(s[:1]) for a, s in zip(actors, shards) if s])  # warm-up
+        t0 = time.perf_counter()
+        ray.get([a.generate_groups.remote(s) for a, s in zip(actors, shards) if s])
+        seconds = time.perf_counter() - t0
+        tokens = sum(ray.get(a.stats.remote())["last"]["completion_tokens"] for a in actors)
+        out[transport] = {"seconds": info["seconds"], "load_s": info["load_s"], "bytes": info["bytes"],
+                          "frac_of_model": info["bytes"] / model_bytes, "rollout_tok_s": tokens / seconds}
+        print(f"sync {transport} to {len(actors)} actors: {info['seconds']:.3f} s for {info['bytes'] / 2**20:.2f} MiB "
+              f"({100 * info['bytes'] / model_bytes:.2f}% of the model; engine load {info['load_s']:.3f} s); "
+              f"rollout after it {tokens / seconds:.0f} tok/s", flush=True)
+        for a in actors:
+            ray.kill(a)
+    ray.kill(learner)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -47,7 +97,10 @@ def main() -> None:
     parser.add_argument("--actors", default="1,2", help="pool sizes to measure")
     parser.add_argument("--actor-cpus", type=float,
                         help="CPUs per actor (sets its torch threads); default: this machine's cores / pool size")
-    parser.add_argument("--sync", default="object_store,gloo", help="transports to time ('' to skip)")
+    parser.add_argument("--sync", default="lora,object_store,gloo", help="transports to time ('' to skip)")
+    parser.add_argument("--sync-actors", type=int, default=2, help="rollout actors a sync goes to")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="the quickstart's targets")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3, help="alternating raw / pool measurements")
     args = parser.parse_args()
@@ -56,7 +109,6 @@ def main() -> None:
     import ray
 
     from actors.rollout import RolloutActor
-    from actors.weight_sync import WeightSenderMixin, sync_weights
     from mllmrec_ray.config import EngineConfig, GRPOConfig
     from mllmrec_ray.engine import Engine
     from mllmrec_ray.models import resolve_model
@@ -101,35 +153,10 @@ def main() -> None:
                                "ratio_median": statistics.median(p / r for p, r in zip(pool, raw))}
         print(f"pool of {n}: {[round(x, 1) for x in pool]} tok/s vs raw {[round(x, 1) for x in raw]} tok/s "
               f"-> median ratio {results[f'pool{n}']['ratio_median']:.2f}", flush=True)
-        if n == max(sizes) and args.sync:
-            @ray.remote(num_cpus=0.25)
-            class Learner(WeightSenderMixin):
-                """Stand-in learner: exports the model's weights as the real learner should (tied head left out)."""
-
-                def __init__(self, path: str, dtype: str):
-                    import torch
-                    from transformers import AutoModelForCausalLM
-
-                    self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-
-                def export_weights(self, full: bool) -> list[bytes]:
-                    from mllmrec_ray.weights import to_buckets
-
-                    tied = self.model.config.tie_word_embeddings
-                    state = {k: v for k, v in self.model.state_dict().items() if not (tied and k == "lm_head.weight")}
-                    return to_buckets(state.items(), 64 << 20)
-
-            learner = Learner.remote(model, args.dtype)
-            for transport in args.sync.split(","):
-                sync_weights(learner, actors, transport, 1)  # first sync builds any group
-                info = sync_weights(learner, actors, transport, 2)
-                results[f"sync_{transport}_s"] = info["seconds"]
-                results[f"sync_{transport}_load_s"] = info["load_s"]
-                results["sync_mib"] = info["bytes"] / 2**20
-                print(f"sync {transport} to {n} actors: {info['seconds']:.2f} s for {info['bytes'] / 2**20:.0f} MiB "
-                      f"(engine reload {info['load_s']:.2f} s)", flush=True)
         for a in actors:
             ray.kill(a)
+    if args.sync:
+        results["sync"] = measure_sync(args, model, engine_cfg, grpo, prompts, ids)
     ray.shutdown()
     results["load_avg_1m"] = os.getloadavg()[0]
     print(json.dumps(results, indent=2))

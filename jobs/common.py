@@ -1,4 +1,5 @@
-"""What every stage entrypoint shares: joining or starting the Ray cluster.
+"""What every stage entrypoint shares: joining or starting the Ray cluster, the `--config` /
+`--set` options and their validation, and the checks of input and output paths.
 
 A local cluster this project starts listens on the loopback only (`start_local_ray`):
 node IP 127.0.0.1, so GCS, raylet, object manager, dashboard agent, runtime-env agent and
@@ -92,3 +93,65 @@ def init_ray(num_cpus: int | float | None = None):
     else:
         start_local_ray(num_cpus or 8, log_to_driver=True)
     return ray
+
+
+# ----------------------------------------------------------------------------- config and failures
+
+
+class CommandError(Exception):
+    """A failure the user can fix (a bad or missing path, an unusable option value). The CLI prints
+    `error: <message>` as one line and exits 2; raise it before anything is written."""
+
+
+def add_config_arguments(parser) -> None:
+    """`--config` / `--set` of every stage that reads the pipeline config (mllmrec_ray.cli adds
+    them to each such stage; a stage that declares its own `--config` keeps it)."""
+    options = getattr(parser, "_option_string_actions", {})
+    if "--config" not in options:
+        parser.add_argument("--config",
+                            help="pipeline YAML (default: the built-in defaults of mllmrec_ray.config)")
+    if "--set" not in options:
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="config override, repeatable, e.g. --set sft.lr=1e-5 (validated like the YAML)")
+
+
+def stage_config(args, flags: dict[str, str] | None = None, path=...):
+    """The validated config of a stage: `--config` (or `path`), then every `--set`, then the stage's
+    own flags given on the command line (`flags`: argparse dest -> dotted key, e.g.
+    {"steps": "grpo.steps"}), each checked like a YAML value. Raises ConfigError naming the key."""
+    from mllmrec_ray.config import load_config, set_value
+
+    cfg = load_config(getattr(args, "config", None) if path is ... else path, getattr(args, "set", None) or [])
+    for dest, key in (flags or {}).items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            set_value(cfg, key, value, source=f"--{dest.replace('_', '-')} {value}")
+    return cfg
+
+
+def check_input(path, what: str, kind: str = "file") -> Path:
+    """An input that must exist: `kind` "file" or "dir"; CommandError names the option and the path."""
+    p = Path(path)
+    if not p.exists():
+        raise CommandError(f"{what} {p}: not found")
+    if kind == "dir" and not p.is_dir():
+        raise CommandError(f"{what} {p}: not a directory")
+    if kind == "file" and not p.is_file():
+        raise CommandError(f"{what} {p}: not a file")
+    return p
+
+
+def check_output_dir(path, what: str) -> Path:
+    """An output directory this command will create or fill: not an existing file, and its nearest
+    existing ancestor writable. Checked before any work, so a bad path fails with nothing written."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CommandError(f"{what} {p}: exists and is not a directory")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CommandError(f"{what} {p}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CommandError(f"{what} {p}: {parent} is not writable")
+    return p

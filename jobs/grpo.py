@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from mllmrec_ray.config import GRPOConfig, PipelineConfig, load_config
+from mllmrec_ray.config import GRPOConfig, PipelineConfig
 
 # Test hook: kill rollout actor 0 right after it was handed its prompts at this step,
 # so actor-failure recovery is exercised by a real process death mid-request.
@@ -96,6 +96,19 @@ def shard(indices: list[int], n_actors: int) -> list[list[int]]:
     return out
 
 
+def rotate_checkpoints(ckpt_dir: Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` `step_*` checkpoints (never the one `latest` names); returns
+    the names deleted. Runs after `latest` moved on, so a crash mid-delete leaves a usable one."""
+    import shutil
+
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").exists() else None
+    steps = sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir())
+    gone = [name for name in steps[: max(len(steps) - keep, 0)] if name != latest]
+    for name in gone:
+        shutil.rmtree(ckpt_dir / name, ignore_errors=True)
+    return gone
+
+
 class Controller:
     def __init__(self, cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, model_path: str, out_dir: Path,
                  model_out: Path):
@@ -119,20 +132,29 @@ class Controller:
         self.actors = [self._new_actor(i) for i in range(g.rollout_actors)]
         self.version = 0
         self.restarts = 0
+        from actors.weight_sync import resolve_transport
+
+        # `auto` ships the adapter alone when every engine took LoRA, merged weights otherwise
+        lora = all(ray.get([a.supports_lora.remote() for a in self.actors]))
+        self.transport = resolve_transport(g.weight_transport, g.rollout_resources.num_gpus > 0, lora)
+        self.model_bytes = ray.get(self.learner.model_bytes.remote())  # sync_frac's denominator
+        print(f"[grpo] weight sync: {self.transport}", flush=True)
 
     def _new_actor(self, index: int):
         g = self.g
         engine = replace(self.cfg.model.engine, seed=g.seed + 1000 * index)
+        lora = self.cfg.model.lora if g.weight_transport in ("auto", "lora") else None
         return self.RolloutActor.options(num_cpus=g.rollout_resources.num_cpus,
                                          num_gpus=g.rollout_resources.num_gpus).remote(
-            self.model_path, engine, g, think_first=self.cfg.prompt.think_first)
+            self.model_path, engine, g, think_first=self.cfg.prompt.think_first, lora=lora,
+            require_lora=g.weight_transport == "lora")
 
     def sync(self, actors=None) -> dict:
         """Push the learner's weights; returns sync_weights' info (`seconds`, `bytes` of one copy, ...)."""
         from actors.weight_sync import sync_weights
 
-        # LoRA changes only the target modules: send those (merged), never the frozen rest
-        return sync_weights(self.learner, actors or self.actors, self.g.weight_transport, self.version, full=False,
+        # `lora`: the adapter alone; merged transports: only the LoRA targets, never the frozen rest
+        return sync_weights(self.learner, actors or self.actors, self.transport, self.version, full=False,
                             use_gpu=self.g.rollout_resources.num_gpus > 0)
 
     def score_groups(self, groups: list[dict]) -> dict:
@@ -217,6 +239,7 @@ class Controller:
         self.ray.get(self.learner.save_checkpoint.remote(str(path), client_state))
         # `latest` is rewritten only after the checkpoint is complete
         atomic_write_text(self.ckpt_dir / "latest", path.name + "\n")
+        rotate_checkpoints(self.ckpt_dir, self.g.keep_checkpoints)
 
     def load_latest(self) -> dict | None:
         latest = self.ckpt_dir / "latest"
@@ -267,7 +290,7 @@ class Controller:
                 self.version += 1
                 sync = self.sync()
             else:  # every group skipped (dynamic_sampling: skip): no update, nothing to sync
-                stats, sync = {}, {"seconds": 0.0, "bytes": 0}
+                stats, sync = {}, {"seconds": 0.0, "bytes": 0, "transport": self.transport}
             step += 1
             responses = [r for grp in groups for r in grp["responses"]]
             sync_s = sync["seconds"]
@@ -286,6 +309,8 @@ class Controller:
                 "kl": stats.get("kl"), "loss": stats.get("loss"), "clip_frac": stats.get("clip_frac"),
                 "response_len": sum(len(r["token_ids"]) for r in responses) / len(responses),
                 "rollout_tok_s": tok_s, "sync_s": sync_s, "sync_bytes": sync["bytes"],
+                # one sync's bytes over the base model's (learner dtype); adapter-only sync: ~1-4%
+                "sync_frac": sync["bytes"] / max(self.model_bytes, 1), "sync_transport": sync["transport"],
                 "learner_s": stats.get("seconds"),
                 "step_s": time.perf_counter() - t0, "weights_version": self.version,
                 "actor_restarts": self.restarts, "sample_ids": [grp["sample_id"] for grp in groups],
@@ -321,7 +346,7 @@ def run_grpo(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, model_path: 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="pipeline YAML (defaults: mllmrec_ray.config)")
+    # --config / --set come from mllmrec_ray.cli (the same for every stage)
     p.add_argument("--run-dir", type=Path, help="run directory (default runs/<config name>)")
     p.add_argument("--data", type=Path, help="prepared data dir (default RUN_DIR/data)")
     p.add_argument("--model", help="starting policy, normally the SFT model (default RUN_DIR/models/sft)")
@@ -330,25 +355,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int)
     p.add_argument("--prompts-per-step", type=int)
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/grpo/checkpoints/latest")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. grpo.beta=0.1")
 
 
 def main(args: argparse.Namespace) -> int:
-    from jobs.common import init_ray
+    from jobs.common import CommandError, init_ray, stage_config
     from mllmrec_ray.models import resolve_model
 
-    cfg = load_config(args.config, args.set) if args.config else PipelineConfig()
-    for flag, key in [("steps", "steps"), ("rollout_actors", "rollout_actors"), ("group_size", "group_size"),
-                      ("prompts_per_step", "prompts_per_step")]:
-        if getattr(args, flag) is not None:
-            setattr(cfg.grpo, key, getattr(args, flag))
+    # --config, --set, then these flags, each validated like a YAML value
+    cfg = stage_config(args, {flag: f"grpo.{flag}" for flag in ("steps", "rollout_actors", "group_size",
+                                                                  "prompts_per_step")})
     # Absolute: the learner writes checkpoints from a worker whose cwd is the job's working_dir.
     run_dir = Path(args.run_dir or cfg.run_dir).resolve()
     data_dir = Path(args.data).resolve() if args.data else run_dir / "data"
     model = args.model or str(run_dir / "models" / "sft")
     if not (data_dir / "samples.parquet").exists():
-        print(f"error: {data_dir}/samples.parquet not found; run `mllmrec data prepare --out {data_dir}` first")
-        return 2
+        raise CommandError(f"{data_dir}/samples.parquet not found; run `mllmrec data prepare --out {data_dir}` first")
     init_ray(cfg.ray_num_cpus)
     summary = run_grpo(cfg, data_dir, run_dir / "stage1", resolve_model(model), run_dir / "grpo",
                        run_dir / "models" / "grpo", resume=args.resume)

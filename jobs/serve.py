@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mllmrec_ray.config import ConfigError, PipelineConfig, load_config
+    from mllmrec_ray.config import ConfigError, load_config
 
     config = args.config
     run_config = Path(args.data).resolve().parent / "config.yaml"  # what `mllmrec pipeline` ran with
@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
         config = run_config
         print(f"[mllmrec serve] using the run's config {run_config} (prompt and serve settings)", flush=True)
     try:
-        cfg = load_config(config) if config else PipelineConfig()
+        cfg = load_config(config, getattr(args, "set", None))  # --set: added by mllmrec_ray.cli
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -74,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: the ranker did not start: {e}", file=sys.stderr)
             return 1
         print(f"[mllmrec serve] ranker ready on http://{host}:{port} "
-              f"(POST /recommend, GET /healthz; retrieval {cfg.serve.retrieval}); Ctrl-C or SIGTERM stops it",
+              f"(POST /recommend, GET /healthz, API schema on /docs; retrieval {cfg.serve.retrieval}); "
+              "Ctrl-C or SIGTERM stops it",
               flush=True)
         while not stop.wait(1.0):
             pass

@@ -25,9 +25,9 @@ def add_common_arguments(parser) -> None:
 
 
 def load_cfg(args):
-    from mllmrec_ray.config import PipelineConfig, load_config
+    from mllmrec_ray.config import load_config
 
-    cfg = load_config(args.config) if getattr(args, "config", None) else PipelineConfig()
+    cfg = load_config(getattr(args, "config", None), getattr(args, "set", None))  # --set: added by mllmrec_ray.cli
     s = cfg.stage1
     if args.pool_size is not None:
         s.pool_size = args.pool_size

@@ -4,8 +4,10 @@ The job goes through Ray's Job Submission API. Its runtime_env is
 `cluster/runtime_env.yaml`: the repo is the working_dir (code travels with the job,
 without .venv/, runs/, .git/), and the config is validated here, resolved (overlays
 merged) and carried in the job's environment, so a config error is reported before
-anything is submitted and configs outside the repo work too. The entrypoint is
-`<python> -m mllmrec_ray.cli STAGE [--config FILE] [stage args]`.
+anything is submitted and configs outside the repo work too. The stage's own arguments are
+parsed here as the job will parse them and its `--set` overrides validated on top of the
+config, so a typo or a bad value fails here (exit 2, one `error:` line), not on the cluster.
+The entrypoint is `<python> -m mllmrec_ray.cli STAGE [--config FILE] [stage args]`.
 
 Where the job runs: against a local head (127.0.0.1 / localhost) it runs in the
 current directory with this venv's python, so `runs/<name>/` lands where a local run
@@ -100,7 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def split_args(args: argparse.Namespace) -> list[str]:
     """Pull submit's own options out of the stage arguments; return what goes to the stage."""
-    inner = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    from mllmrec_ray.cli import Parser
+
+    inner = Parser(prog="mllmrec submit", add_help=False, allow_abbrev=False)
     _own_options(inner)
     _, rest = inner.parse_known_args(args.stage_args, namespace=args)
     for name, default in (("address", None), ("config", None), ("no_wait", False), ("job_id", None),
@@ -120,18 +124,41 @@ def load_runtime_env() -> dict:
     return env
 
 
+def _stage_default_config(path) -> Path | None:
+    """A stage's default --config (the pipeline's configs/quickstart.yaml) as the job will see it:
+    relative to the current directory, else to the repo (the job's working_dir)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
+        return path
+    return REPO_ROOT / path
+
+
+def check_stage(args: argparse.Namespace, stage_args: list[str]):
+    """Parse the stage's arguments as the job will and validate its config (--config, then every
+    --set), here, before anything is submitted. Returns the validated config (None for a stage
+    that reads none). Raises UsageError / ConfigError naming the option or key."""
+    from jobs.common import stage_config
+    from mllmrec_ray.cli import CONFIG_COMMANDS, build_parser
+
+    stage_ns = build_parser().parse_args([args.stage, *stage_args])
+    if args.stage not in CONFIG_COMMANDS:
+        return None
+    return stage_config(stage_ns, path=args.config or _stage_default_config(getattr(stage_ns, "config", None)))
+
+
 def build_job(args: argparse.Namespace, stage_args: list[str]) -> dict:
     """The submit_job keyword arguments (entrypoint, runtime_env, ids) for parsed args."""
-    import dataclasses
-
     import yaml
 
     from mllmrec_ray.cli import COMMANDS
-    from mllmrec_ray.config import load_config
+    from mllmrec_ray.config import load_config, to_dict
 
     if args.stage not in COMMANDS or args.stage in NOT_SUBMITTABLE:
         allowed = ", ".join(c for c in COMMANDS if c not in NOT_SUBMITTABLE)
         raise ValueError(f"stage {args.stage!r} cannot be submitted; allowed stages: {allowed}")
+    checked = check_stage(args, stage_args)
     local = is_local(args.address)
     job_id = args.job_id or f"mllmrec-{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if not re.fullmatch(r"[A-Za-z0-9._-]+", job_id):
@@ -142,12 +169,12 @@ def build_job(args: argparse.Namespace, stage_args: list[str]) -> dict:
     shell = ""
     metadata = {"mllmrec_stage": args.stage}
     if args.config:
-        cfg = load_config(args.config)  # raises ConfigError naming the key
-        runtime_env["env_vars"][CONFIG_ENV] = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+        # the file as resolved (overlays merged); the stage's --set overrides travel in its arguments
+        runtime_env["env_vars"][CONFIG_ENV] = yaml.safe_dump(to_dict(load_config(args.config)), sort_keys=False)
         # written by the job from its environment into Ray's unpacked copy of the working_dir
         shell = f'CFG="$PWD/.mllmrec-config-{job_id}.yaml" && printf "%s" "${CONFIG_ENV}" > "$CFG" && '
         metadata["config"] = str(args.config)
-        metadata["run_name"] = cfg.name
+        metadata["run_name"] = checked.name if checked is not None else load_config(args.config).name
         command += ["--config", "@CFG@"]
     command += stage_args
     cwd = args.cwd or (os.getcwd() if local else None)
@@ -179,12 +206,13 @@ def wait_for(client, job_id: str, stream: bool = True, poll_s: float = 1.0) -> s
 
 
 def main(args: argparse.Namespace) -> int:
+    from mllmrec_ray.cli import UsageError
     from mllmrec_ray.config import ConfigError
 
-    stage_args = split_args(args)
     try:
-        job = build_job(args, stage_args)
-    except (ValueError, ConfigError) as e:
+        stage_args = split_args(args)
+        job = build_job(args, stage_args)  # the stage's arguments and config are checked first
+    except (ValueError, ConfigError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

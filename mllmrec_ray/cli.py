@@ -2,6 +2,12 @@
 
 Each job module exposes `add_arguments(parser)` and `main(args) -> int`; heavy
 imports (torch, vllm, ray) happen inside `main` so `mllmrec --help` stays fast.
+
+Every stage that reads the pipeline config takes the same `--config FILE` and repeatable
+`--set KEY=VALUE` (added here), and the config is validated here before the stage runs, so
+a bad value stops it before anything is written. Failures a user can fix (a bad config
+value, a usage error, a missing or unusable path) print one `error: ...` line naming the
+key or file and exit 2, without a traceback (MLLMREC_DEBUG=1 shows it).
 """
 
 from __future__ import annotations
@@ -30,10 +36,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 # clients of a cluster's HTTP API: they start or join no Ray node
 CLIENT_COMMANDS = {"submit", "jobs"}
+# stages that read the pipeline config: each gets --config / --set, validated before it runs
+CONFIG_COMMANDS = {"textualize", "cot", "mda", "sft", "grpo", "eval", "serve", "pipeline"}
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command line argparse rejected (printed as one `error:` line)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors raise UsageError instead of printing usage and exiting,
+    so the CLI reports them like every other failure (and `mllmrec submit` can check a
+    stage's arguments before submitting). Sub-parsers inherit the class."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mllmrec", description=__doc__.splitlines()[0])
+    from jobs.common import add_config_arguments
+
+    parser = Parser(prog="mllmrec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         try:
@@ -44,22 +68,74 @@ def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
             raise
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
+        if name in CONFIG_COMMANDS:
+            add_config_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_module", None):
-        parser.print_help()
-        return 2
-    if args.command not in CLIENT_COMMANDS:
-        from jobs.common import use_loopback_if_local
+def fail(message: str, code: int = EXIT_USAGE) -> int:
+    """Print one `error: ...` line on stderr; returns the exit code."""
+    text = " ".join(str(message).split())
+    text = text[len("error:"):].lstrip() if text.lower().startswith("error:") else text
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    return code
 
-        # a cluster started here (no RAY_ADDRESS) or a 127.0.0.1 one: every Ray node binds 127.0.0.1
-        use_loopback_if_local(getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS"))
-    return int(args._module.main(args) or 0)
+
+_OS_ERRORS = {FileNotFoundError: "not found", NotADirectoryError: "not a directory",
+              IsADirectoryError: "is a directory", PermissionError: "permission denied",
+              FileExistsError: "already exists"}
+
+
+def _os_error(e: OSError) -> str:
+    """`<file>: <what>` of a failed file operation."""
+    what = e.strerror or _OS_ERRORS.get(type(e))
+    name = e.filename
+    if name is None and len(e.args) == 1 and isinstance(e.args[0], str) and " " not in e.args[0].strip():
+        name = e.args[0]  # FileNotFoundError(path), as pyarrow raises it
+    if name is not None and what:
+        return f"{name}: {what[:1].lower()}{what[1:]}"
+    return str(e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from jobs.common import CommandError
+    from mllmrec_ray.config import ConfigError, config_error
+
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "_module", None):
+            parser.print_help()
+            return EXIT_USAGE
+        if args.command in CONFIG_COMMANDS:
+            from jobs.common import stage_config
+
+            stage_config(args)  # a bad key or value stops here, before the stage writes anything
+        if args.command not in CLIENT_COMMANDS:
+            from jobs.common import use_loopback_if_local
+
+            # a cluster started here (no RAY_ADDRESS) or a 127.0.0.1 one: every Ray node binds 127.0.0.1
+            use_loopback_if_local(getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS"))
+        return int(args._module.main(args) or 0)
+    except (UsageError, ConfigError, CommandError) as e:
+        if os.environ.get("MLLMREC_DEBUG"):
+            raise
+        return fail(str(e))
+    except ValidationError as e:  # a config object built or assigned in code (e.g. from a stage's flag)
+        if os.environ.get("MLLMREC_DEBUG"):
+            raise
+        return fail(str(config_error(e)))
+    except tuple(_OS_ERRORS) as e:
+        if os.environ.get("MLLMREC_DEBUG"):
+            raise
+        return fail(_os_error(e))
+    except SystemExit as e:  # a stage's `raise SystemExit("message")`; plain exit codes pass through
+        if isinstance(e.code, str) and not os.environ.get("MLLMREC_DEBUG"):
+            return fail(e.code)
+        raise
 
 
 if __name__ == "__main__":

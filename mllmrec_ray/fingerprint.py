@@ -51,8 +51,10 @@ STAGE_READS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "cot": (("stage1", "model.name", "model.engine", "data.seed"),
             (*_STAGE1_EXECUTION, "stage1.captioner*", "stage1.embedder", "stage1.p_sft", "stage1.p_grpo")),
     "mda": (("stage1.embedder", "stage1.p_sft", "stage1.p_grpo", "stage1.cot_source", "stage1.mda*"), ()),
-    "sft": (("sft", "model.name", "model.lora", "model.save_dtype", "prompt", "stage1.cot_source"), ()),
-    "grpo": (("grpo", "model", "prompt", "stage1.cot_source"), ()),
+    # checkpoint cadence decides where a run can resume, never what it writes
+    "sft": (("sft", "model.name", "model.lora", "model.save_dtype", "prompt", "stage1.cot_source"),
+            ("sft.checkpoint_every",)),
+    "grpo": (("grpo", "model", "prompt", "stage1.cot_source"), ("grpo.checkpoint_every", "grpo.keep_checkpoints")),
     "eval-*": (("eval", "prompt", "model.engine"), ("eval.models",)),
     "report": ((), ()),
 }
@@ -115,8 +117,10 @@ def config_keys_read(stage: str, config: dict) -> dict[str, Any]:
     """The resolved config's keys (dotted) that `stage` reads, with their values."""
     include, exclude = _reads(stage)
     flat = flatten(config)
+    # a key left at None is a feature left off, as before the key existed: records made before a new
+    # optional key was added stay valid
     return {k: v for k, v in sorted(flat.items())
-            if any(_matches(k, p) for p in include)
+            if v is not None and any(_matches(k, p) for p in include)
             and not any(_matches(k, p) for p in (*exclude, *IGNORED_KEYS))}
 
 

@@ -1,4 +1,4 @@
-"""The LoRA policy: building it, per-token log-probs, merged weights for vLLM, saving, DeepSpeed engine.
+"""The LoRA policy: building it, per-token log-probs, adapter / merged weights for vLLM, saving, DeepSpeed engine.
 
 One model serves as both policy and reference: the reference is the same module with the
 adapter disabled (`with model.disable_adapter():`), so no second copy of the base is held.
@@ -36,6 +36,7 @@ def build_policy(model_path: str, lora, dtype: torch.dtype = torch.float32):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
+        layers_to_transform=list(lora.layers) if lora.layers is not None else None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, peft_cfg)
@@ -140,12 +141,76 @@ def group_logprobs(model, prompt_ids: list[int], responses: list[list[int]], pad
     return logp, mask
 
 
-def merged_lora_state(peft_model, full: bool = False, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    """The LoRA A/B tensors under the names PEFT saves (`adapter_model.safetensors`), in the training dtype.
+
+    What adapter-only weight sync ships: vLLM loads these on top of its frozen base weights.
+    """
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def adapter_config(peft_model) -> dict:
+    """The active adapter's PEFT config as `adapter_config.json` holds it (sets as sorted lists)."""
+    cfg = peft_model.peft_config[peft_model.active_adapter].to_dict()
+    cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}
+    return json.loads(json.dumps(cfg, default=str))  # enums and paths as strings: JSON-ready
+
+
+def base_model_bytes(peft_model) -> int:
+    """Bytes of the frozen base weights (tied tensors once): the size a full merged sync would ship."""
+    seen, total = set(), 0
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name or p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def disk_state(model_dir) -> dict[str, torch.Tensor] | None:
+    """Every tensor of the safetensors files in `model_dir` as saved (e.g. the fp32 SFT model), or
+    None when `model_dir` is not a local directory with safetensors files (a hub name)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    if not files:
+        return None
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def _exact_base(model_base: dict[str, torch.Tensor], disk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The saved-precision tensor for each in-memory base tensor, checked to be the same weight.
+
+    A tied tensor saved once (lm_head = embed_tokens) takes its twin's disk tensor, so tying survives.
+    """
+    twin = {v.data_ptr(): disk[k] for k, v in model_base.items() if k in disk}
+    out = {}
+    for k, v in model_base.items():
+        src = disk[k] if k in disk else twin.get(v.data_ptr())
+        if src is None:
+            raise ValueError(f"base weight {k} is not in the base model's files")
+        if src.shape != v.shape or not torch.equal(src.to(v.dtype), v):
+            raise ValueError(f"base weight {k} on disk is not the weight the policy holds: wrong base model dir?")
+        out[k] = src
+    return out
+
+
+def merged_lora_state(peft_model, full: bool = False, dtype: torch.dtype | None = None,
+                      base_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Merged weights W + scale * B @ A of every LoRA target, under the base model's HF names.
 
     The merge runs in fp32; the result is cast to `dtype`, or (None) back to each base weight's
     dtype. A bf16 cast loses small updates (a delta of 1e-5 on weights of ~0.02 mostly rounds
     away), so final models are saved in fp32 by default (`save_merged`).
+
+    `base_state` (`disk_state` of the policy's base dir): W is taken from it, at its saved precision,
+    instead of the in-memory copy. A bf16 learner over an fp32 SFT model otherwise moves every
+    weight by bf16 rounding (~1e-4 relative), far more than one GRPO update changes it.
 
     Does not touch the model (no merge/unmerge). `full=False` returns what training changes:
     the LoRA targets, plus the untouched siblings of a vLLM fused group (q/k/v, gate/up) so
@@ -159,12 +224,14 @@ def merged_lora_state(peft_model, full: bool = False, dtype: torch.dtype | None 
 
     with torch.no_grad():
         base = {base_name(k): v.detach() for k, v in peft_model.state_dict().items() if "lora_" not in k}
+        if base_state is not None:
+            base = _exact_base(base, base_state)
         merged: dict[str, torch.Tensor] = {}
         for name, module in peft_model.named_modules():
             if not isinstance(module, LoraLayer):
                 continue
             w = module.get_base_layer().weight
-            m = w.detach().float()
+            m = base[base_name(name) + ".weight"].float()
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
                     m = m + module.get_delta_weight(adapter).float()
@@ -198,11 +265,14 @@ def save_dtype(name: str | torch.dtype | None) -> torch.dtype:
 
 
 def save_merged(peft_model, tokenizer, out_dir, info: dict | None = None,
-                dtype: str | torch.dtype | None = None) -> Path:
+                dtype: str | torch.dtype | None = None, base_dir: str | os.PathLike | None = None) -> Path:
     """Write `out_dir` as a plain HF model (merged weights) + `adapter/` + tokenizer, atomically.
 
     The merge runs in fp32 and the model is saved in `dtype` (`save_dtype`; default float32, so an
     update smaller than bf16's rounding step survives); the adapter beside it is exact either way.
+    `base_dir`: the policy's base model dir; its saved tensors are the W of the merge (see
+    `merged_lora_state`), so the saved model differs from the base by exactly the update. Without
+    it, or when it holds no safetensors files, the in-memory base is used (the marker says which).
 
     Everything goes to a temp dir beside `out_dir`, the marker file last, then one rename
     swaps it in; the training model is left untouched. Returns the output path.
@@ -214,7 +284,11 @@ def save_merged(peft_model, tokenizer, out_dir, info: dict | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     base = peft_model.get_base_model()
     dtype = save_dtype(dtype)
-    state = {k: v.contiguous() for k, v in merged_lora_state(peft_model, full=True, dtype=dtype).items()}
+    base_state = disk_state(base_dir) if base_dir is not None else None
+    merge_base = "base_dir files" if base_state is not None else "in-memory weights"
+    state = {k: v.contiguous() for k, v in
+             merged_lora_state(peft_model, full=True, dtype=dtype, base_state=base_state).items()}
+    del base_state
     base.config.use_cache = True  # an inference model; training turned the cache off
     train_dtype = getattr(base.config, "dtype", None)
     base.config.dtype = dtype  # config.json names the saved dtype (loaders with dtype="auto" read it)
@@ -225,7 +299,7 @@ def save_merged(peft_model, tokenizer, out_dir, info: dict | None = None,
         base.config.dtype = train_dtype
     peft_model.save_pretrained(tmp / "adapter")
     tokenizer.save_pretrained(tmp)
-    marker = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})}
+    marker = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "merge_base": merge_base, **(info or {})}
     (tmp / MERGED_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True, default=str) + "\n")
     if out.exists():
         os.replace(out, old)

@@ -1,17 +1,32 @@
-"""Pure helpers of the Serve ranker (no Ray): request validation, retrieval, prompts, responses.
+"""Pure helpers of the Serve ranker (no Ray): request and response models, retrieval, prompts.
 
 A request is JSON `{"history": [item ids], "candidates": [item ids] (optional), "k": int,
-"explain": bool}`. Item ids are strings (ints are accepted and read as their decimal
-string). Every rejection is a `RequestError` whose message starts with the offending
-field, with an HTTP status: 413 for a body over the size limit, 400 for the rest.
+"explain": bool}` (`RecommendRequest`); the answer is a `RecommendResponse`. Item ids are
+strings (ints are accepted and read as their decimal string). The pydantic models are the
+one definition of the API: `/openapi.json` publishes their schemas and `parse_request`
+validates with them, catalogue and config limits included (validation context). Every
+rejection is a `RequestError` whose message starts with the offending field, with an HTTP
+status: 413 for a body over the size limit, 400 for the rest.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from mllmrec_ray.prompts import answer_text, build_messages
 
@@ -28,66 +43,134 @@ class RequestError(ValueError):
         self.status = status
 
 
-@dataclass
-class RankRequest:
-    history: list[str]
-    candidates: list[str] | None  # None: the retrieval stage proposes them
-    k: int
-    explain: bool
+ItemId = StrictStr | StrictInt  # strict: true, 1.5 and "1" + 1 mistakes are rejected, not coerced
 
 
-def _ids(value: Any, field: str, items: Mapping[str, Any], max_len: int) -> list[str]:
-    if not isinstance(value, list):
-        raise RequestError(field, f"expected a list of item ids, got {type(value).__name__}")
-    if not value:
-        raise RequestError(field, "must not be empty")
-    if len(value) > max_len:
-        raise RequestError(field, f"{len(value)} items; at most {max_len} are allowed")
-    ids = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, (str, int)):
-            raise RequestError(field, f"item ids are strings or integers, got {json.dumps(v)[:40]}")
-        ids.append(str(v))
-    unknown = [i for i in ids if i not in items]
-    if unknown:
-        shown = ", ".join(repr(i[:40]) for i in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise RequestError(field, f"unknown item ids: {shown}")
+def _shown(value: Any) -> str:
+    return json.dumps(value, default=str)[:40]
+
+
+def _check_ids(ids: list[str], info: ValidationInfo, limit: int | None) -> list[str]:
+    """Catalogue and length checks; they need the replica's catalogue, passed as validation context."""
+    ctx = info.context or {}
+    if limit is not None and len(ids) > limit:
+        raise PydanticCustomError("too_long", "{n} items; at most {limit} are allowed", {"n": len(ids), "limit": limit})
+    items = ctx.get("items")
+    if items is not None:
+        unknown = [i for i in ids if i not in items]
+        if unknown:
+            shown = ", ".join(repr(i[:40]) for i in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise PydanticCustomError("unknown_items", "unknown item ids: {shown}", {"shown": shown})
     return ids
 
 
+class RecommendRequest(BaseModel):
+    """POST /recommend: rank `candidates` (or the retrieval stage's top-N) for a user's `history`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    history: list[ItemId] = Field(min_length=1, examples=[["50", "181", "258"]],
+                                  description="the user's items, oldest first (at most serve.max_history)")
+    candidates: list[ItemId] | None = Field(
+        None, min_length=1, max_length=MAX_CANDIDATES,
+        description="items to rank, no duplicates; omitted or null: the retrieval stage proposes serve.retrieval_top_n")
+    k: StrictInt | None = Field(None, ge=1, validate_default=True,
+                                description="how many ranked items to return (default min(10, candidates))")
+    explain: StrictBool = Field(False, description="also generate the model's reasoning for its top item")
+
+    @field_validator("history")
+    @classmethod
+    def _history(cls, v: list, info: ValidationInfo) -> list[str]:
+        return _check_ids([str(i) for i in v], info, (info.context or {}).get("max_history"))
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates(cls, v: list | None, info: ValidationInfo) -> list[str] | None:
+        if v is None:
+            return None
+        ids = _check_ids([str(i) for i in v], info, None)
+        if len(set(ids)) != len(ids):
+            raise PydanticCustomError("duplicates", "duplicate item ids")
+        return ids
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """k against the pool it picks from: the candidates, or the retrieval size (a config value)."""
+        if "candidates" not in info.data:  # candidates failed: that error is reported first
+            return v
+        candidates = info.data["candidates"]
+        pool = len(candidates) if candidates is not None else (info.context or {}).get("retrieval_top_n")
+        if pool is None:
+            return v
+        if v is None:
+            return min(10, pool)
+        if v > pool:
+            where = "the number of candidates" if candidates is not None else "the retrieval size"
+            raise PydanticCustomError("k_range", "{k} is out of range; allowed 1..{pool} ({where})",
+                                      {"k": v, "pool": pool, "where": where})
+        return v
+
+
+class RankedItem(BaseModel):
+    rank: int = Field(ge=1, description="1 = best")
+    item_id: str
+    title: str | None
+    score: float = Field(description="the model's log-likelihood score of the item (higher ranks first)")
+
+
+class RecommendResponse(BaseModel):
+    items: list[RankedItem] = Field(description="the top k candidates, best first")
+    retrieval: Literal["pop", "sasrec", "given"] = Field(
+        description="where the candidates came from: the retrieval stage (pop / sasrec) or the request (given)")
+    reasoning: str | None = Field(None, description="the model's reasoning about its top item; only with explain")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="`<field>: <what is wrong>`")
+    field: str | None = Field(None, description="the offending request field (`body` for the body as a whole)")
+
+
+def _as_request_error(e: ValidationError) -> RequestError:
+    """The first validation error as a RequestError naming the field, in words a client can act on."""
+    err = e.errors(include_url=False)[0]
+    loc, kind, value = err["loc"], err["type"], err.get("input")
+    if not loc:
+        if kind == "json_invalid":
+            return RequestError("body", f"malformed JSON ({err['msg'].removeprefix('Invalid JSON: ')})")
+        return RequestError("body", f"expected a JSON object with {', '.join(FIELDS)}")
+    field = str(loc[0])
+    if kind == "extra_forbidden":
+        return RequestError(field, f"unknown field; allowed fields: {', '.join(FIELDS)}")
+    if kind == "missing":
+        return RequestError(field, "missing (a list of item ids, oldest first)")
+    if len(loc) > 1:  # one element of an id list
+        return RequestError(field, f"item ids are strings or integers, got {_shown(value)}")
+    messages = {
+        "list_type": lambda: f"expected a list of item ids, got {type(value).__name__}",
+        "too_short": lambda: "must not be empty",
+        "too_long": lambda: f"{len(value)} items; at most {err['ctx']['max_length']} are allowed"
+        if "max_length" in err.get("ctx", {}) else err["msg"],
+        "int_type": lambda: f"expected an integer, got {_shown(value)}",
+        "bool_type": lambda: f"expected true or false, got {_shown(value)}",
+        "greater_than_equal": lambda: f"{_shown(value)} is out of range; at least {err['ctx']['ge']}",
+    }
+    return RequestError(field, messages[kind]() if kind in messages else err["msg"])
+
+
 def parse_request(body: bytes, items: Mapping[str, Any], max_history: int, retrieval_top_n: int,
-                  max_body_bytes: int = MAX_BODY_BYTES) -> RankRequest:
-    """Validate a /recommend body against the catalogue; raises RequestError naming the field."""
+                  max_body_bytes: int = MAX_BODY_BYTES) -> RecommendRequest:
+    """Validate a /recommend body against the catalogue; raises RequestError naming the field.
+
+    The returned request has string ids and `k` resolved (its default depends on the pool size).
+    """
     if len(body) > max_body_bytes:
         raise RequestError("body", f"{len(body)} bytes; at most {max_body_bytes} are allowed", 413)
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError("body", f"malformed JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise RequestError("body", "expected a JSON object with history, candidates, k, explain")
-    extra = sorted(set(data) - set(FIELDS))
-    if extra:
-        raise RequestError(extra[0], f"unknown field; allowed fields: {', '.join(FIELDS)}")
-    if "history" not in data:
-        raise RequestError("history", "missing (a list of item ids, oldest first)")
-    history = _ids(data["history"], "history", items, max_history)
-    candidates = None
-    if data.get("candidates") is not None:
-        candidates = _ids(data["candidates"], "candidates", items, MAX_CANDIDATES)
-        if len(set(candidates)) != len(candidates):
-            raise RequestError("candidates", "duplicate item ids")
-    pool = len(candidates) if candidates is not None else retrieval_top_n
-    k = data.get("k", min(10, pool))
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise RequestError("k", f"expected an integer, got {json.dumps(k)[:40]}")
-    if not 1 <= k <= pool:
-        where = "the number of candidates" if candidates is not None else "the retrieval size"
-        raise RequestError("k", f"{k} is out of range; allowed 1..{pool} ({where})")
-    explain = data.get("explain", False)
-    if not isinstance(explain, bool):
-        raise RequestError("explain", f"expected true or false, got {json.dumps(explain)[:40]}")
-    return RankRequest(history, candidates, k, explain)
+        return RecommendRequest.model_validate_json(
+            body, context={"items": items, "max_history": max_history, "retrieval_top_n": retrieval_top_n})
+    except ValidationError as e:
+        raise _as_request_error(e) from None
 
 
 def popularity_order(counts: Mapping[str, int], item_ids: Sequence[str]) -> list[str]:

@@ -33,8 +33,15 @@ def test_config_keys_read_per_stage():
     assert not any(k.startswith(("sft.", "eval.", "serve.", "data.")) for k in grpo)
     sft = fp.config_keys_read("sft", cfg)
     assert "sft.lr" in sft and not any(k.startswith("grpo.") for k in sft)
+    # checkpoint cadence changes where a run can resume, not what it writes
+    assert "sft.checkpoint_every" not in sft and "grpo.keep_checkpoints" not in grpo
     cot = fp.config_keys_read("cot", cfg)
-    assert "stage1.max_cot_samples" in cot and "data.seed" in cot
+    assert "data.seed" in cot and "stage1.cot_source" in cot
+    # a key at None (an optional feature left off) is left out, so a record made before the key
+    # existed still matches; set, it counts
+    assert cfg["stage1"]["max_cot_samples"] is None and "stage1.max_cot_samples" not in cot
+    cfg["stage1"]["max_cot_samples"] = 12
+    assert fp.config_keys_read("cot", cfg)["stage1.max_cot_samples"] == 12
     # parallelism only (the part stores never key on it), and MDA's own knobs
     assert not any(k.startswith(("stage1.pool_size", "stage1.batch_size", "stage1.resources", "stage1.p_sft"))
                    for k in cot)

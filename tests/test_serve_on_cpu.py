@@ -1,7 +1,8 @@
 """The Serve ranker end to end: `mllmrec serve` with a tiny Llama on a small prepared data dir.
 
 Real Ray Serve on 127.0.0.1 (a private local cluster started by the command), real HTTP.
-Also unit tests of the request validation and the retrieval stage (no Ray).
+Also unit tests of the request models, the retrieval stage, batched ranking and the health
+check (no Ray).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(url: str, body: bytes | None = None, timeout: float = 120) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"},
+def http(url: str, body: bytes | None = None, timeout: float = 120,
+         content_type: str = "application/json") -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type},
                                  method="POST" if body is not None else "GET")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -95,7 +97,8 @@ def server(tmp_path_factory, tiny_llama, data_dir):
     port = free_port()
     cfg = tmp / "serve.yaml"
     cfg.write_text(
-        "ray_num_cpus: 4\nprompt: {with_captions: false}\n"
+        # float32: padded batches and single prompts then agree to ~1e-5 (bf16 rounds them apart by ~1e-3)
+        "ray_num_cpus: 4\nprompt: {with_captions: false}\nmodel: {engine: {dtype: float32}}\n"
         f"serve: {{host: 127.0.0.1, port: {port}, replicas: 1, max_batch_size: 4, batch_wait_timeout_s: 0.05,"
         f" retrieval: pop, retrieval_top_n: {TOP_N}, max_history: {MAX_HISTORY}}}\n")
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
@@ -214,11 +217,56 @@ def test_bad_requests_name_the_field_and_the_replica_survives(server):
 
 
 def test_concurrent_requests_are_batched_and_answered(server):
+    """8 requests at once (batched, 4 to a batch) answer what each one answers alone."""
     url, _ = server
     payloads = [{"history": [str(i), str(i + 1)], "k": 3} for i in range(8)]
+    payloads[2]["explain"] = True  # an explanation goes through its own queue; the others do not wait for it
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda p: recommend(url, p), payloads))
     assert all(s == 200 and len(o["items"]) == 3 for s, o in results), results
+    assert "reasoning" in results[2][1] and all("reasoning" not in o for i, (_, o) in enumerate(results) if i != 2)
+    for p, (_, batched) in zip(payloads, results):
+        status, alone = recommend(url, p)
+        assert status == 200
+        assert [it["item_id"] for it in alone["items"]] == [it["item_id"] for it in batched["items"]]
+        assert [it["score"] for it in alone["items"]] == pytest.approx([it["score"] for it in batched["items"]],
+                                                                       abs=1e-3)
+
+
+def test_openapi_publishes_the_request_and_response_schemas(server):
+    url, _ = server
+    status, spec = http(url + "/openapi.json")
+    assert status == 200
+    op = spec["paths"]["/recommend"]["post"]
+    req = op["requestBody"]["content"]["application/json"]["schema"]
+    assert req["title"] == "RecommendRequest" and req["required"] == ["history"]
+    assert set(req["properties"]) == {"history", "candidates", "k", "explain"}
+    assert req["additionalProperties"] is False and req["properties"]["history"]["minItems"] == 1
+
+    def schema(code: str) -> dict:
+        ref = op["responses"][code]["content"]["application/json"]["schema"]["$ref"]
+        return spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+
+    ok = schema("200")
+    assert ok["title"] == "RecommendResponse" and set(ok["properties"]) == {"items", "retrieval", "reasoning"}
+    assert set(ok["properties"]["retrieval"]["enum"]) == {"pop", "sasrec", "given"}
+    item = spec["components"]["schemas"]["RankedItem"]
+    assert set(item["properties"]) == {"rank", "item_id", "title", "score"}
+    for code in ("400", "413", "500"):
+        assert set(schema(code)["properties"]) == {"error", "field"}
+    assert "422" not in op["responses"]  # validation errors are 400s that name the field
+    with urllib.request.urlopen(url + "/docs", timeout=30) as r:
+        assert r.status == 200 and b"swagger" in r.read().lower()
+
+
+def test_any_content_type_is_read_as_json(server):
+    """`curl -d` sends application/x-www-form-urlencoded: the body is still the JSON request."""
+    url, _ = server
+    body = json.dumps({"history": ["0", "1"], "k": 2}).encode()
+    status, out = http(url + "/recommend", body, content_type="application/x-www-form-urlencoded")
+    assert status == 200 and len(out["items"]) == 2, out
+    status, out = http(url + "/recommend", b'{"history": ["0"], "k": "2"}', content_type="text/plain")
+    assert status == 400 and out["field"] == "k", out
 
 
 # ---- no Ray below: request validation and retrieval ----
@@ -229,13 +277,25 @@ ITEMS = {str(i): {"title": f"T{i}"} for i in range(10)}
 def test_parse_request_defaults_and_errors():
     req = parse_request(b'{"history": ["1", 2]}', ITEMS, max_history=5, retrieval_top_n=4)
     assert req.history == ["1", "2"] and req.candidates is None and req.k == 4 and req.explain is False
+    req = parse_request(b'{"history": ["1"], "candidates": [3, "4", 5], "explain": true}', ITEMS, 5, 12)
+    assert req.candidates == ["3", "4", "5"] and req.k == 3 and req.explain is True
     with pytest.raises(RequestError) as e:
         parse_request(b"x" * 100, ITEMS, 5, 4, max_body_bytes=10)
     assert e.value.status == 413 and e.value.field == "body"
-    with pytest.raises(RequestError, match=r"^history: unknown item ids: '11'"):
-        parse_request(b'{"history": [11]}', ITEMS, 5, 4)
-    with pytest.raises(RequestError, match=r"^history: item ids are strings or integers"):
-        parse_request(b'{"history": [true]}', ITEMS, 5, 4)
+    for body, message in [
+        (b'{"history": [11]}', r"^history: unknown item ids: '11'"),
+        (b'{"history": [true]}', r"^history: item ids are strings or integers, got true"),
+        (b'{"history": [1.5]}', r"^history: item ids are strings or integers, got 1.5"),
+        (b'{"history": ["1", "2", "3", "4", "5", "6"]}', r"^history: 6 items; at most 5 are allowed"),
+        (b'{"history": ["1"], "candidates": ["2", "2"]}', r"^candidates: duplicate item ids"),
+        (b'{"history": ["1"], "candidates": []}', r"^candidates: must not be empty"),
+        (b'{"history": ["1"], "k": 5}', r"^k: 5 is out of range; allowed 1..4 \(the retrieval size\)"),
+        (b'{"history": ["1"], "k": null, "explain": 1}', r"^explain: expected true or false, got 1"),
+        (b'{"history": ["1"]', r"^body: malformed JSON"),
+    ]:
+        with pytest.raises(RequestError, match=message) as e:
+            parse_request(body, ITEMS, 5, 4)
+        assert e.value.status == 400
 
 
 def test_retrievers_exclude_the_history(data_dir):
@@ -274,3 +334,119 @@ def test_vllm_backend_agrees_with_transformers(tiny_llama, data_dir):
     assert vl.generate(prompts[:1], 12) == hf.generate(prompts[:1], 12)
     texts = hf.generate(prompts, 12)  # left-padded batch: the unpadded prompt reads the same
     assert len(texts) == 2 and texts[0] == hf.generate(prompts[:1], 12)[0]
+
+
+# ---- no Ray below: the replica's work (batched ranking, explanations, health) on a tiny model ----
+
+@pytest.fixture(scope="module")
+def core_factory(tiny_llama, data_dir):
+    from actors.ranker import HFBackend, RankerCore
+    from mllmrec_ray.config import PromptConfig, ServeConfig
+    from mllmrec_ray.run_data import load_collab, load_items
+
+    backend = HFBackend(str(tiny_llama), "float32")  # threads left as they are: torch.set_num_threads is global
+    items = load_items(data_dir)
+    prompt = PromptConfig(with_captions=False, collab=True)
+    collab = load_collab(data_dir, prompt)
+    retriever = fit_retriever("pop", data_dir)
+    serve_cfg = ServeConfig(retrieval_top_n=TOP_N, max_history=MAX_HISTORY)
+
+    def make(readout: str = "answer", order_ensemble: int = 0, backend=backend):
+        return RankerCore(backend, items, collab, retriever, serve_cfg, prompt, readout, order_ensemble)
+    return make
+
+
+@pytest.mark.parametrize("readout,order_ensemble", [("answer", 0), ("id", 1)])
+def test_batched_and_unbatched_requests_rank_the_same(core_factory, data_dir, readout, order_ensemble):
+    """One ranking call for a batch of requests (what @serve.batch hands the replica) ranks each
+    request as a call of its own does: retrieval, given candidates, k and explain mixed."""
+    import pyarrow.parquet as pq
+
+    core = core_factory(readout, order_ensemble)
+    samples = pq.read_table(data_dir / "samples.parquet").to_pylist()[:5]
+    bodies = [{"history": s["history"][-MAX_HISTORY:], "candidates": s["candidates"], "k": 5} for s in samples]
+    bodies += [{"history": ["0", "1", "2"], "k": 4, "explain": True}, {"history": ["7"]}]
+    reqs = [core.parse(json.dumps(b).encode()) for b in bodies]
+    batched = core.rank(reqs)
+    alone = [core.rank([r])[0] for r in reqs]
+    for (b_resp, b_explain), (a_resp, a_explain), body in zip(batched, alone, bodies):
+        assert [it["item_id"] for it in b_resp["items"]] == [it["item_id"] for it in a_resp["items"]]
+        assert [it["score"] for it in b_resp["items"]] == pytest.approx([it["score"] for it in a_resp["items"]],
+                                                                        abs=1e-3)
+        assert b_resp["retrieval"] == ("given" if "candidates" in body else "pop")
+        assert len(b_resp["items"]) == body.get("k", TOP_N)
+        assert (b_explain is not None) == body.get("explain", False) and b_explain == a_explain
+    explain_ids = [e for _, e in batched if e is not None]
+    (text,) = core.explain(explain_ids)
+    assert isinstance(text, str) and "</think>" not in text
+
+
+def test_health_probes_an_idle_model_and_fails_a_hung_or_broken_one(core_factory):
+    from actors.ranker import HEALTH_FRESH_S, HEALTH_STUCK_S
+
+    core = core_factory()
+    assert core.health() == "probed"  # an idle replica: a tiny scoring call
+    assert core.health() == "recent"  # that call just succeeded
+    now = time.monotonic()
+    core.busy_since = now - 1.0
+    assert core.health(now) == "busy"  # never waits behind a running batch
+    core.busy_since = now - HEALTH_STUCK_S - 1
+    with pytest.raises(RuntimeError, match="model call has run for"):
+        core.health(now)
+    core.busy_since = None
+    assert core.health(now + HEALTH_FRESH_S + 1) == "probed"
+
+    class Broken:
+        name, max_len = "broken", 2048
+
+        def __init__(self, tokenizer, value):
+            self.tokenizer, self.value = tokenizer, value
+
+        def score(self, prompts, answers):
+            if self.value is None:
+                raise RuntimeError("model weights are gone")
+            return [[self.value] * len(a) for a in answers]
+
+    for value, message in [(float("nan"), "not two finite log-probabilities"), (None, "weights are gone")]:
+        broken = core_factory(backend=Broken(core.tokenizer, value))
+        with pytest.raises(RuntimeError, match=message):
+            broken.health()
+
+
+def test_model_queue_runs_what_queued_while_busy_in_one_call_in_arrival_order():
+    """Batches that Serve forms while the model is busy join the FIFO and run together next,
+    oldest first, at most max_size per call; a failing call fails the requests it held and the
+    queue keeps serving."""
+    import asyncio
+    import threading
+
+    from actors.ranker import ModelQueue
+
+    calls: list[list] = []
+    started, release = threading.Event(), threading.Event()
+
+    def fn(items):
+        calls.append(list(items))
+        started.set()
+        release.wait(60)
+        if "boom" in items:
+            raise ValueError("boom")
+        return [f"r{i}" for i in items]
+
+    async def scenario():
+        queue = ModelQueue(fn, max_size=4, lock=asyncio.Lock())
+        first = queue.put([0])
+        await asyncio.to_thread(started.wait, 60)  # the model is busy with [0]
+        later = queue.put([1, 2]) + queue.put([3]) + queue.put([4, 5, 6])
+        later[1].cancel()  # its client went away: skipped, not ranked
+        release.set()
+        results = await asyncio.gather(*first, *[f for f in later if not f.cancelled()])
+        failing = queue.put(["boom"]) + queue.put([7])
+        outcome = await asyncio.gather(*failing, return_exceptions=True)
+        after = await asyncio.gather(*queue.put([8]))
+        return results, outcome, after
+
+    results, outcome, after = asyncio.run(scenario())
+    assert calls == [[0], [1, 3, 4, 5], [6], ["boom", 7], [8]]
+    assert results == ["r0", "r1", "r3", "r4", "r5", "r6"]
+    assert all(isinstance(o, ValueError) for o in outcome) and after == ["r8"]

@@ -93,9 +93,12 @@ def test_reasoning_only_for_selected_samples(tiny):
     assert all("Film" in t["answer"] and "<think>" not in t["answer"] for t in texts)
 
 
-def test_sft_job_on_ray_train(tiny, tmp_path, capsys):
+def test_sft_job_on_ray_train(tiny, tmp_path, capsys, monkeypatch):
+    """Train on Ray Train, crash mid-run, resume from the checkpoint, log to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
+    from jobs.sft import FAULT_ENV
     from mllmrec_ray.cli import main
 
     data = tmp_path / "data"
@@ -109,20 +112,36 @@ def test_sft_job_on_ray_train(tiny, tmp_path, capsys):
     atomic_write_parquet(pa.Table.from_pylist(
         [{"sample_id": s["sample_id"], "selected_sft": s["sample_id"] == "u2"} for s in samples]), stage1 / "mda.parquet")
     config = tmp_path / "sft.yaml"
-    config.write_text("sft: {micro_batch_size: 2, grad_accum: 1, lr: 1.0e-2}\n"
+    config.write_text("sft: {micro_batch_size: 2, grad_accum: 1, lr: 1e-2, checkpoint_every: 4}\n"
                       "model: {lora: {r: 8, alpha: 16, dropout: 0.0}}\nprompt: {with_captions: false}\n")
     out = tmp_path / "models" / "sft"
+    work = tmp_path / "sft"  # the default work dir: beside models/, like <run>/grpo
     args = ["sft", "--data", str(data), "--model", tiny, "--out", str(out), "--config", str(config),
             "--epochs", "4", "--cot", str(stage1 / "cot.parquet"), "--mda", str(stage1 / "mda.parquet")]
 
     ray.init(num_cpus=4, include_dashboard=False)
     try:
-        assert main(args) == 0
+        # a worker dies after step 6: the checkpoint of step 4 is left behind
+        monkeypatch.setenv(FAULT_ENV, "6")
+        with pytest.raises(Exception, match="test hook"):
+            main(args)
+        assert (work / "checkpoints" / "latest").read_text().strip() == "step_000004" and not is_complete(out)
+        monkeypatch.delenv(FAULT_ENV)
+        assert main(args) == 0  # the rerun continues from it
         printed = capsys.readouterr().out
-        assert "6 examples (1 with reasoning" in printed and "12 steps" in printed
+        assert "6 examples (1 with reasoning" in printed and "12 optimizer steps" in printed
+        assert "resuming from step 4" in printed and "resumed at step 4/12" in printed
         assert is_complete(out) and (out / "adapter" / "adapter_model.safetensors").exists()
         info = json.loads((out / MERGED_MARKER).read_text())
         assert info["steps"] == 12 and info["last_loss"] < info["first_loss"] - 0.5, info
+        assert info["resumed_from"].endswith("step_000004")
+        # loss, lr and grad-norm of every step reached TensorBoard; the finished model supersedes checkpoints
+        events = EventAccumulator(str(work))
+        events.Reload()
+        for tag in ("sft/loss", "sft/lr", "sft/grad_norm"):
+            assert [e.step for e in events.Scalars(tag)] == list(range(1, 13)), tag
+        assert [json.loads(r)["step"] for r in (work / "metrics.jsonl").read_text().splitlines()] == list(range(1, 13))
+        assert not (work / "checkpoints").exists()
 
         model = AutoModelForCausalLM.from_pretrained(out)
         assert not any("lora" in k for k in model.state_dict())
@@ -165,5 +184,5 @@ def test_write_prompts_builds_the_training_examples_without_training(tiny, tmp_p
         assert r["has_reasoning"] == (sid in ("u1", "u3"))
         assert (f"Reasoning about {sid}." in r["prompt"]) == r["has_reasoning"]
         assert r["kept"] and r["tokens"] > 0
-    with pytest.raises(SystemExit, match="--out"):
-        main(["sft", "--data", str(data), "--model", tiny])
+    assert main(["sft", "--data", str(data), "--model", tiny]) == 2
+    assert capsys.readouterr().err.startswith("error: mllmrec sft needs --out DIR")
