@@ -113,15 +113,14 @@ def _reads(stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return _DEFAULT_READS
 
 
+def _read_by(stage: str, key: str) -> bool:
+    include, exclude = _reads(stage)
+    return any(_matches(key, p) for p in include) and not any(_matches(key, p) for p in (*exclude, *IGNORED_KEYS))
+
+
 def config_keys_read(stage: str, config: dict) -> dict[str, Any]:
     """The resolved config's keys (dotted) that `stage` reads, with their values."""
-    include, exclude = _reads(stage)
-    flat = flatten(config)
-    # a key left at None is a feature left off, as before the key existed: records made before a new
-    # optional key was added stay valid
-    return {k: v for k, v in sorted(flat.items())
-            if v is not None and any(_matches(k, p) for p in include)
-            and not any(_matches(k, p) for p in (*exclude, *IGNORED_KEYS))}
+    return {k: v for k, v in sorted(flatten(config).items()) if _read_by(stage, k)}
 
 
 def normalize_argv(argv: Iterable[str], run_dir: str | Path) -> list[str]:
@@ -258,9 +257,20 @@ def make_record(attempt: dict, seconds: float | None = None) -> dict:
             **({"seconds": round(seconds, 1)} if seconds is not None else {})}
 
 
+def comparable(settings: dict | None, stage: str) -> dict:
+    """Settings as compared: config keys at None left out (an optional feature left off, as before the
+    key existed) and keys the stage no longer reads dropped, so a record made before a key was added,
+    or before one was declared irrelevant (checkpoint cadence), still matches."""
+    settings = settings or {}
+    config = settings.get("config") or {}
+    return {**settings, "config": {k: v for k, v in config.items() if v is not None and _read_by(stage, k)}}
+
+
 def same_inputs(a: dict | None, b: dict) -> bool:
     """Two attempts (or a record and an attempt) were made from the same settings and upstream outputs."""
-    return bool(a) and a.get("settings") == b["settings"] and a.get("upstream") == b["upstream"]
+    stage = b.get("stage", "")
+    return (bool(a) and comparable(a.get("settings"), stage) == comparable(b["settings"], stage)
+            and a.get("upstream") == b["upstream"])
 
 
 # ----------------------------------------------------------------------------- decisions
@@ -311,8 +321,9 @@ def _decide_one(s: StageState, records, only, force, runs) -> tuple[bool, str]:
     rec = records.get(s.name)
     if not rec:
         return True, "no fingerprint recorded"
-    if rec.get("settings") != s.settings:
-        return True, "settings changed: " + ", ".join(settings_diff(rec.get("settings") or {}, s.settings))
+    old, new = comparable(rec.get("settings"), s.name), comparable(s.settings, s.name)
+    if old != new:
+        return True, "settings changed: " + ", ".join(settings_diff(old, new))
     rerun = [a for a in s.ancestors if a in runs]
     if rerun:
         return True, f"upstream {', '.join(rerun)} {'reruns' if len(rerun) == 1 else 'rerun'}"
