@@ -7,7 +7,7 @@ the sampler's log-probs of its tokens (`sampler_logp`, temperature and top-p app
 
 The caller sets resources: `RolloutActor.options(num_cpus=..., num_gpus=...).remote(...)`
 (from `GRPOConfig.rollout_resources`). Weights arrive as a LoRA adapter over the frozen base
-(`update_adapter`, engines built with `lora_rank`), or merged: as safetensors buckets
+(`update_adapter`, engines built with the policy's `lora`), or merged: as safetensors buckets
 (`update_weights`, object store) or by broadcast (`WeightReceiverMixin`, see weight_sync.py).
 """
 

@@ -41,7 +41,6 @@ import ray
 import torch
 
 TRANSPORTS = ("auto", "lora", "object_store", "gloo", "nccl")
-MERGED_TRANSPORTS = ("object_store", "gloo", "nccl")
 
 
 class _WeightGroupMixin:

@@ -332,7 +332,7 @@ def train_loop(config: dict) -> None:
     # ZeRO-3 keeps parameters partitioned: every rank joins the gather, rank 0 writes.
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=sft.zero_stage == 3):
         if rank == 0:
-            save_merged(engine.module, tokenizer, config["out"],
+            save_merged(engine.module, tokenizer, config["out"], base_dir=config["model_path"],
                         info={"base_model": config["model_path"], "steps": result["steps"],
                               "first_loss": result["first_loss"], "last_loss": result["last_loss"],
                               "examples": len(examples), "sft": config["sft"], "lora": config["lora"],

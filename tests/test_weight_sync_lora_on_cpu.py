@@ -231,3 +231,15 @@ def test_one_adapter_lora_ops_equal_vllms_own(tiny):
     for f, o in zip(fast, own):
         assert torch.allclose(torch.tensor(f), torch.tensor(o), atol=1e-5)
     assert [c.token_ids for g in fast_samples for c in g] == [c.token_ids for g in own_samples for c in g]
+
+
+def test_lora_support_decides_the_transport(tiny):
+    from mllmrec_ray.engine import lora_rank_slot, lora_unsupported
+
+    assert [lora_rank_slot(r) for r in (1, 8, 9, 16, 200, 512, 513)] == [1, 8, 16, 16, 256, 512, None]
+    assert lora_unsupported(tiny, 16) is None  # LlamaForCausalLM: vLLM serves adapters over it
+    assert "above" in lora_unsupported(tiny, 1024)  # then `auto` falls back to merged weights
+    assert resolve_transport("auto", use_gpu=True, lora=False) == "nccl"
+    assert resolve_transport("lora", use_gpu=False) == "lora"
+    with pytest.raises(ValueError):
+        resolve_transport("pigeon", use_gpu=False)
