@@ -39,6 +39,7 @@ bench: fetch
 	$(PY) benchmarks/rollout.py --data $(BENCH_DATA)
 	$(PY) benchmarks/grpo_vs_trl.py --data $(BENCH_DATA) --steps 3 --json benchmarks/results/grpo_vs_trl.json
 	$(PY) benchmarks/stage1.py --data $(BENCH_DATA)
+	$(PY) benchmarks/eval_throughput.py --data $(BENCH_DATA) --config $(CONFIG)
 
 clean:
 	rm -rf runs
