@@ -211,7 +211,7 @@ class Server:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=5) as r:
                     if r.status == 200:
                         return
-            except OSError:
+            except OSError:  # not listening yet: poll again until the deadline
                 pass
             time.sleep(2)
         raise RuntimeError(f"mllmrec serve not ready after {timeout:.0f} s; see {self.log.name}")
