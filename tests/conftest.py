@@ -19,6 +19,18 @@ POSTERS_DIR = (REPO_ROOT / ".." / "shared" / "data" / "ml-100k-posters").resolve
 sys.path.insert(0, str(TESTS_DIR))
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Undo env changes a test makes in-process (e.g. `submit` turning on RAY_AUTH_MODE=token
+    when ~/.ray/auth_token exists): a later ray.init would start a GCS that demands a token
+    the driver, configured earlier, never sends (CI failure, session 5)."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     from tiny_models import make_tiny_model

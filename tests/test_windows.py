@@ -142,8 +142,8 @@ def test_config_window_keys(tmp_path):
     d = load_config(p).data
     assert (d.train_windows, d.window_stride, d.max_windows_per_user) == ("sliding", 2, 5)
     for text, match in (("data: {train_windows: all}\n", r"data\.train_windows.*'last', 'sliding'"),
-                        ("data: {window_stride: 0}\n", r"data\.window_stride: 0 must be >= 1"),
-                        ("data: {max_windows_per_user: 0}\n", r"data\.max_windows_per_user: 0 must be >= 1")):
+                        ("data: {window_stride: 0}\n", r"data\.window_stride: 0 is out of range \(allowed: an integer >= 1\)"),
+                        ("data: {max_windows_per_user: 0}\n", r"data\.max_windows_per_user: 0 is out of range \(allowed: an integer >= 1, or null\)")):
         p.write_text(text)
         with pytest.raises(ConfigError, match=match):
             load_config(p)
