@@ -48,7 +48,7 @@ def main() -> None:
     if args.cot_samples and args.cot_samples < max(sizes) * args.batch_size:
         print(f"note: {args.cot_samples} CoT rows make fewer than {max(sizes)} batches of {args.batch_size}: "
               f"some actors get no work and only add engine start-up", flush=True)
-    mllmrec = [sys.executable, "-m", "mllmrec_ray.cli"]
+    mllmrec = [sys.executable, "-m", "jobs.cli"]
     results = []
     with tempfile.TemporaryDirectory(prefix="mllmrec-bench-stage1-") as tmp:
         for n in sizes:

@@ -104,7 +104,7 @@ class CommandError(Exception):
 
 
 def add_config_arguments(parser) -> None:
-    """`--config` / `--set` of every stage that reads the pipeline config (mllmrec_ray.cli adds
+    """`--config` / `--set` of every stage that reads the pipeline config (jobs.cli adds
     them to each such stage; a stage that declares its own `--config` keeps it)."""
     options = getattr(parser, "_option_string_actions", {})
     if "--config" not in options:

@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
     manifest = json.loads((data / "manifest.json").read_text()) if (data / "manifest.json").exists() else {}
     dataset = manifest.get("dataset") or data.resolve().name
 
-    cfg = load_config(args.config, getattr(args, "set", None))  # --set: added by mllmrec_ray.cli
+    cfg = load_config(args.config, getattr(args, "set", None))  # --set: added by jobs.cli
     readout = args.readout or (cfg.eval.readout if args.config else "answer")
     shuffles = args.order_shuffles if args.order_shuffles is not None else (cfg.eval.order_shuffles if args.config else 0)
     ensemble = args.order_ensemble if args.order_ensemble is not None else (cfg.eval.order_ensemble if args.config else 0)

@@ -346,7 +346,7 @@ def run_grpo(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, model_path: 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    # --config / --set come from mllmrec_ray.cli (the same for every stage)
+    # --config / --set come from jobs.cli (the same for every stage)
     p.add_argument("--run-dir", type=Path, help="run directory (default runs/<config name>)")
     p.add_argument("--data", type=Path, help="prepared data dir (default RUN_DIR/data)")
     p.add_argument("--model", help="starting policy, normally the SFT model (default RUN_DIR/models/sft)")

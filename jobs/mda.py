@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
     from mllmrec_ray.io import atomic_write_json, atomic_write_parquet
     from mllmrec_ray.mda import Embedder, score_samples, top_fraction
 
-    cfg = load_config(args.config, getattr(args, "set", None))  # --set: added by mllmrec_ray.cli
+    cfg = load_config(args.config, getattr(args, "set", None))  # --set: added by jobs.cli
     s1 = cfg.stage1
     p_sft = s1.p_sft if args.p_sft is None else args.p_sft
     p_grpo = s1.p_grpo if args.p_grpo is None else args.p_grpo

@@ -205,7 +205,7 @@ class StageFailed(Exception):
 
 def stage_command(argv: list[str]) -> list[str]:
     """The process that runs one stage (tests swap it for a cheap stand-in)."""
-    return [sys.executable, "-m", "mllmrec_ray.cli", *argv]
+    return [sys.executable, "-m", "jobs.cli", *argv]
 
 
 def log_tail(log: Path, n: int = TAIL_LINES) -> list[str]:

@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
         config = run_config
         print(f"[mllmrec serve] using the run's config {run_config} (prompt and serve settings)", flush=True)
     try:
-        cfg = load_config(config, getattr(args, "set", None))  # --set: added by mllmrec_ray.cli
+        cfg = load_config(config, getattr(args, "set", None))  # --set: added by jobs.cli
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

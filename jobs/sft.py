@@ -40,7 +40,7 @@ FAULT_ENV = "MLLMREC_FAULT_FAIL_SFT_AT_STEP"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # --config / --set come from mllmrec_ray.cli (the same for every stage)
+    # --config / --set come from jobs.cli (the same for every stage)
     parser.add_argument("--data", required=True, help="prepared data dir (samples.parquet, items.parquet)")
     parser.add_argument("--model", help="base model: local dir, cache alias or hub name (default: config model.name)")
     parser.add_argument("--out", help="output dir of the merged SFT model (e.g. runs/NAME/models/sft); required "

@@ -27,7 +27,7 @@ def add_common_arguments(parser) -> None:
 def load_cfg(args):
     from mllmrec_ray.config import load_config
 
-    cfg = load_config(getattr(args, "config", None), getattr(args, "set", None))  # --set: added by mllmrec_ray.cli
+    cfg = load_config(getattr(args, "config", None), getattr(args, "set", None))  # --set: added by jobs.cli
     s = cfg.stage1
     if args.pool_size is not None:
         s.pool_size = args.pool_size

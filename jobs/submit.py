@@ -7,7 +7,7 @@ merged) and carried in the job's environment, so a config error is reported befo
 anything is submitted and configs outside the repo work too. The stage's own arguments are
 parsed here as the job will parse them and its `--set` overrides validated on top of the
 config, so a typo or a bad value fails here (exit 2, one `error:` line), not on the cluster.
-The entrypoint is `<python> -m mllmrec_ray.cli STAGE [--config FILE] [stage args]`.
+The entrypoint is `<python> -m jobs.cli STAGE [--config FILE] [stage args]`.
 
 Where the job runs: against a local head (127.0.0.1 / localhost) it runs in the
 current directory with this venv's python, so `runs/<name>/` lands where a local run
@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def split_args(args: argparse.Namespace) -> list[str]:
     """Pull submit's own options out of the stage arguments; return what goes to the stage."""
-    from mllmrec_ray.cli import Parser
+    from jobs.cli import Parser
 
     inner = Parser(prog="mllmrec submit", add_help=False, allow_abbrev=False)
     _own_options(inner)
@@ -140,7 +140,7 @@ def check_stage(args: argparse.Namespace, stage_args: list[str]):
     --set), here, before anything is submitted. Returns the validated config (None for a stage
     that reads none). Raises UsageError / ConfigError naming the option or key."""
     from jobs.common import stage_config
-    from mllmrec_ray.cli import CONFIG_COMMANDS, build_parser
+    from jobs.cli import CONFIG_COMMANDS, build_parser
 
     stage_ns = build_parser().parse_args([args.stage, *stage_args])
     if args.stage not in CONFIG_COMMANDS:
@@ -152,7 +152,7 @@ def build_job(args: argparse.Namespace, stage_args: list[str]) -> dict:
     """The submit_job keyword arguments (entrypoint, runtime_env, ids) for parsed args."""
     import yaml
 
-    from mllmrec_ray.cli import COMMANDS
+    from jobs.cli import COMMANDS
     from mllmrec_ray.config import load_config, to_dict
 
     if args.stage not in COMMANDS or args.stage in NOT_SUBMITTABLE:
@@ -165,7 +165,7 @@ def build_job(args: argparse.Namespace, stage_args: list[str]) -> dict:
         raise ValueError(f"--job-id {job_id!r}: use letters, digits, '.', '_' and '-' only")
     runtime_env = load_runtime_env()
     python = args.python or (sys.executable if local else "python3")
-    command = [python, "-m", "mllmrec_ray.cli", args.stage]
+    command = [python, "-m", "jobs.cli", args.stage]
     shell = ""
     metadata = {"mllmrec_stage": args.stage}
     if args.config:
@@ -206,7 +206,7 @@ def wait_for(client, job_id: str, stream: bool = True, poll_s: float = 1.0) -> s
 
 
 def main(args: argparse.Namespace) -> int:
-    from mllmrec_ray.cli import UsageError
+    from jobs.cli import UsageError
     from mllmrec_ray.config import ConfigError
 
     try:

@@ -112,8 +112,8 @@ def make_tiny_idefics3(out_dir: Path, seed: int = 0) -> Path:
 
 
 def mllmrec(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run `python -m mllmrec_ray.cli ARGS` from the repo; output captured, failure shown."""
-    proc = subprocess.run([sys.executable, "-m", "mllmrec_ray.cli", *map(str, args)], cwd=REPO, text=True,
+    """Run `python -m jobs.cli ARGS` from the repo; output captured, failure shown."""
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *map(str, args)], cwd=REPO, text=True,
                           capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, f"mllmrec {' '.join(map(str, args))} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc

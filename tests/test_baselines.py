@@ -88,7 +88,7 @@ def test_baseline_cli_writes_record(tmp_path):
     for model in ("pop", "sasrec", "random", "min-id"):
         out = tmp_path / "eval" / f"{model}.json"
         proc = subprocess.run(
-            [sys.executable, "-m", "mllmrec_ray.cli", "baseline", "--data", str(tmp_path),
+            [sys.executable, "-m", "jobs.cli", "baseline", "--data", str(tmp_path),
              "--model", model, "--out", str(out), "--epochs", "3"],
             capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr

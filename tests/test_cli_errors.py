@@ -1,7 +1,7 @@
 """The CLI's failure paths: one `error:` line naming the key or file, exit 2, no traceback, nothing written.
 
 Every stage that reads the pipeline config takes the same --config / --set (added and validated in
-mllmrec_ray.cli before the stage runs); `mllmrec submit` validates before it submits.
+jobs.cli before the stage runs); `mllmrec submit` validates before it submits.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from mllmrec_ray.cli import CONFIG_COMMANDS, build_parser, main
+from jobs.cli import CONFIG_COMMANDS, build_parser, main
 from mllmrec_ray.io import atomic_write_parquet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ def test_cli_process_exit_code_and_stderr(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("MLLMREC_DEBUG", None)
     runs = tmp_path / "runs"
-    r = subprocess.run([sys.executable, "-m", "mllmrec_ray.cli", "pipeline", "--config", "configs/quickstart.yaml",
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", "pipeline", "--config", "configs/quickstart.yaml",
                         "--set", f"runs_dir={runs}", "--set", "grpo.steps=-3"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stdout == ""

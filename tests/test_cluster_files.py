@@ -23,7 +23,7 @@ import pytest
 import ray
 import yaml
 
-from mllmrec_ray.cli import COMMANDS, build_parser
+from jobs.cli import COMMANDS, build_parser
 from mllmrec_ray.config import PipelineConfig, ResourceConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,7 +133,7 @@ def groups(spec: dict) -> dict[str, tuple[float, float, int]]:
 def test_kuberay_rayjob_entrypoint_config_and_groups(tmp_path):
     job = kind(KUBERAY / "rayjob-pipeline.yaml", "RayJob")
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "mllmrec_ray.cli"] and argv[3] in COMMANDS
+    assert argv[:3] == ["python", "-m", "jobs.cli"] and argv[3] in COMMANDS
     args = build_parser().parse_args(argv[3:])  # every option exists in the real CLI
     key, config_path = cluster_config_file(tmp_path)
     assert str(args.config) == f"/etc/mllmrec/{key}"

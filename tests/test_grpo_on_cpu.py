@@ -113,7 +113,7 @@ def test_resume_after_killing_the_controller(tiny_llama, tmp_path):
     cfg = tiny_config(steps=4)
     cfg.grpo.rollout_actors = 1  # the multi-actor path is covered above; one engine keeps this test light
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    cmd = [sys.executable, "-m", "mllmrec_ray.cli", "grpo", "--config", str(tmp_path / "c.yaml"), "--run-dir", str(run),
+    cmd = [sys.executable, "-m", "jobs.cli", "grpo", "--config", str(tmp_path / "c.yaml"), "--run-dir", str(run),
            "--model", str(tiny_llama)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "first.log", "w")

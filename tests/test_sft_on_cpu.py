@@ -99,7 +99,7 @@ def test_sft_job_on_ray_train(tiny, tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from jobs.sft import FAULT_ENV
-    from mllmrec_ray.cli import main
+    from jobs.cli import main
 
     data = tmp_path / "data"
     samples = _samples(6)
@@ -160,7 +160,7 @@ def test_sft_job_on_ray_train(tiny, tmp_path, capsys, monkeypatch):
 
 
 def test_write_prompts_builds_the_training_examples_without_training(tiny, tmp_path, capsys):
-    from mllmrec_ray.cli import main
+    from jobs.cli import main
 
     data, stage1 = tmp_path / "data", tmp_path / "stage1"
     samples = _samples(4)

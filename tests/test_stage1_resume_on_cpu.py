@@ -49,7 +49,7 @@ def test_kill_midway_and_rerun(tmp_path):
     parts = stage1 / "parts" / "pseudo"
     ray_tmp = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))  # short: Ray puts unix sockets under it
     log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mllmrec_ray.cli", *map(str, args)], cwd=REPO, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *map(str, args)], cwd=REPO, stdout=log,
                             stderr=subprocess.STDOUT, env={**os.environ, "RAY_TMPDIR": str(ray_tmp)},
                             start_new_session=True)
     try:

@@ -170,7 +170,7 @@ def test_config_travels_with_the_job(head, tmp_path):
                 "--python", fake_python, "--steps", "1", "--address", address)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     seen = json.loads(report.read_text())
-    assert seen["argv"][:3] == ["-m", "mllmrec_ray.cli", "grpo"]
+    assert seen["argv"][:3] == ["-m", "jobs.cli", "grpo"]
     assert seen["argv"][-2:] == ["--steps", "1"]
     assert seen["name"] == "ablation-wo-grpo" and seen["steps"] == 0
 

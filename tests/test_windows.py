@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from mllmrec_ray.cli import main as cli_main
+from jobs.cli import main as cli_main
 from mllmrec_ray.config import ConfigError, load_config
 from mllmrec_ray.data import DataError, build_samples
 from mllmrec_ray.data.prepare import SCHEMAS

@@ -1,0 +1,47 @@
+"""The house's import rules: the core (`mllmrec_ray/`) imports neither Ray nor the rooms above it.
+
+`jobs/` (entrypoints, the CLI) and `actors/` (Ray actors) import the core, never the reverse,
+not even through `importlib.import_module("jobs....")`. Read from the source with `ast`, so a
+lazy import inside a function counts too.
+"""
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FORBIDDEN = ("jobs", "actors", "ray")
+
+
+def imported_names(path: Path) -> list[tuple[int, str]]:
+    """(line, module) for every import statement and every literal import_module("...") call."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module))
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            out.append((node.lineno, node.args[0].value))
+    return out
+
+
+def test_imported_names_sees_every_kind_of_import(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import ray\nfrom jobs.cli import main\ndef f():\n    import importlib\n"
+                 "    return importlib.import_module('actors.learner')\n")
+    assert [m for _, m in imported_names(f)] == ["ray", "jobs.cli", "importlib", "actors.learner"]
+
+
+def test_core_imports_neither_ray_nor_jobs_nor_actors():
+    bad = [f"{p.relative_to(REPO)}:{line} imports {mod}"
+           for p in sorted((REPO / "mllmrec_ray").rglob("*.py"))
+           for line, mod in imported_names(p)
+           if mod.split(".")[0] in FORBIDDEN]
+    assert not bad, "\n".join(bad)
+
+
+def test_cli_lives_in_jobs():
+    assert not (REPO / "mllmrec_ray" / "cli.py").exists()
+    text = (REPO / "pyproject.toml").read_text()
+    assert 'mllmrec = "jobs.cli:main"' in text
