@@ -189,7 +189,7 @@ class Controller:
         out["think_len"] = sum(thinks) / len(thinks) if thinks else 0.0  # tokens inside <think>, thinking responses
         return out
 
-    def rollout(self, indices: list[int], step: int) -> tuple[list[dict], float]:
+    def rollout(self, indices: list[int], step: int, round_: int = 0) -> tuple[list[dict], float]:
         """Generate groups on every actor; replace any actor that dies and re-issue its shard."""
         from ray.exceptions import RayActorError
 
@@ -197,7 +197,7 @@ class Controller:
         payload = lambda ids: [{k: self.prompts[i][k] for k in ("sample_id", "prompt_ids", "target", "candidates")}
                                for i in ids]  # noqa: E731
         # per-(step, shard) sampling seed: a resumed run draws the same responses
-        seed = lambda a: self.g.seed * 1_000_003 + step * 7919 + a  # noqa: E731
+        seed = lambda a: self.g.seed * 1_000_003 + step * 7919 + round_ * 257 + a  # noqa: E731
         t0 = time.perf_counter()
         pending = {}
         for a, ids in enumerate(shards):
@@ -250,11 +250,45 @@ class Controller:
         self.version = state["version"]
         return state
 
-    def run(self, resume: bool = False) -> dict:
+    def collect(self, step: int, cursor: int) -> tuple:
+        """One step's rollouts, scored: (groups, rewards [B, G], advantages, zero_var [B], kept group
+        indices, reward stats, rollout tok/s, new cursor, rollout rounds).
+
+        `dynamic_sampling: refill` rolls out more prompts (the deficit, at least one per actor) for up
+        to `refill_rounds` more rounds until `prompts_per_step` groups with reward variance are kept;
+        the rest of the last round is dropped. Stats cover every group generated, so `hit_rate` and
+        `zero_var_groups` still describe the policy, not the filtered batch.
+        """
         import torch
+
+        from mllmrec_ray.grpo import group_advantages, kept_groups, zero_variance_groups
+
+        g = self.g
+        groups, keep, speeds, need, rounds = [], [], [], g.prompts_per_step, 0
+        while True:
+            indices, cursor = next_batch(len(self.prompts), g.seed, cursor, need)
+            new, tok_s = self.rollout(indices, step, round_=rounds)
+            self.score_groups(new)  # sets each response's reward; the step's stats are taken below
+            rounds += 1
+            speeds.append(tok_s)
+            rewards = torch.tensor([[r["reward"] for r in grp["responses"]] for grp in new], dtype=torch.float32)
+            keep += [len(groups) + i for i in kept_groups(zero_variance_groups(rewards), g.dynamic_sampling)]
+            groups += new
+            missing = g.prompts_per_step - len(keep)
+            if g.dynamic_sampling != "refill" or missing <= 0 or rounds > g.refill_rounds:
+                break
+            need = max(missing, len(self.actors))
+        keep = keep[: g.prompts_per_step]
+        reward_stats = self.score_groups(groups)  # idempotent: stats over every round
+        rewards = torch.tensor([[r["reward"] for r in grp["responses"]] for grp in groups], dtype=torch.float32)
+        adv = group_advantages(rewards, std_normalize=g.std_normalize)
+        return (groups, rewards, adv, zero_variance_groups(rewards), keep, reward_stats,
+                sum(speeds) / len(speeds), cursor, rounds)
+
+    def run(self, resume: bool = False) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
-        from mllmrec_ray.grpo import group_advantages, kept_groups, logprob_gap, zero_variance_groups
+        from mllmrec_ray.grpo import logprob_gap
 
         g = self.g
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -272,13 +306,7 @@ class Controller:
         first = None
         while step < g.steps:
             t0 = time.perf_counter()
-            indices, cursor = next_batch(len(self.prompts), g.seed, cursor, g.prompts_per_step)
-            groups, tok_s = self.rollout(indices, step + 1)
-            reward_stats = self.score_groups(groups)
-            rewards = torch.tensor([[r["reward"] for r in grp["responses"]] for grp in groups], dtype=torch.float32)
-            adv = group_advantages(rewards, std_normalize=g.std_normalize)
-            zero_var = zero_variance_groups(rewards)
-            keep = kept_groups(zero_var, g.dynamic_sampling)
+            groups, rewards, adv, zero_var, keep, reward_stats, tok_s, cursor, rounds = self.collect(step + 1, cursor)
             rows = [(i, j) for i in keep for j in range(len(groups[i]["responses"]))]
             batch = [{"prompt_ids": groups[i]["prompt_ids"], "response_ids": groups[i]["responses"][j]["token_ids"],
                       "advantage": float(adv[i, j]), "sampler_logp": groups[i]["responses"][j].get("sampler_logp")}
@@ -304,6 +332,7 @@ class Controller:
                 # groups whose rewards are all equal have zero advantage: they carry no gradient
                 "zero_var_groups": float(zero_var.float().mean()),
                 "skipped_groups": len(groups) - len(keep),
+                "rollout_rounds": rounds,  # > 1 only with dynamic_sampling: refill
                 # mean |log p_learner - log p_sampler| per token (old policy, before this update)
                 "logprob_gap": gap, "tis_weight_mean": stats.get("tis_weight_mean"),
                 "kl": stats.get("kl"), "loss": stats.get("loss"), "clip_frac": stats.get("clip_frac"),

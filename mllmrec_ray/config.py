@@ -237,7 +237,9 @@ class GRPOConfig:
         enables truncated importance sampling, weight min(exp(lp_learner - lp_sampler), tis_cap)
         on each token's policy term (null = off).
     dynamic_sampling: `skip` drops groups whose rewards are all equal from the learner batch
-        (DAPO-style; they carry no gradient but dilute the mean); `none` keeps them.
+        (they carry no gradient but dilute the mean); `refill` drops them and samples more prompts,
+        up to refill_rounds extra rollout rounds, until prompts_per_step groups with reward variance
+        are in the batch (DAPO); `none` keeps them.
     """
 
     group_size: PosInt = 8
@@ -247,7 +249,8 @@ class GRPOConfig:
     max_new_tokens_think: PosInt = 256
     reward: RewardTermsConfig = field(default_factory=RewardTermsConfig)
     tis_cap: Annotated[Float, Field(ge=1)] | None = None
-    dynamic_sampling: Literal["none", "skip"] = "none"
+    dynamic_sampling: Literal["none", "skip", "refill"] = "none"
+    refill_rounds: NonNegInt = 3
     clip_eps: NonNegFloat = 0.2
     beta: NonNegFloat = 0.05
     std_normalize: Bool = False

@@ -132,12 +132,13 @@ def logprob_gap(learner: list[list[float]], sampler: list[list[float | None]]) -
     return total / n if n else None
 
 
-DYNAMIC_SAMPLING = ("none", "skip")
+DYNAMIC_SAMPLING = ("none", "skip", "refill")
 
 
 def kept_groups(zero_var: Tensor, mode: str = "none") -> list[int]:
-    """Indices of the groups that go to the learner: all (`none`), or (`skip`, DAPO's dynamic
-    sampling without refill) those whose rewards are not all equal."""
+    """Indices of the groups that go to the learner: all (`none`), or (`skip`, and `refill`, whose
+    controller then samples more prompts to fill the batch, as DAPO does) those whose rewards
+    are not all equal."""
     if mode not in DYNAMIC_SAMPLING:
         raise ValueError(f"dynamic_sampling must be one of {DYNAMIC_SAMPLING}, got {mode!r}")
     return [i for i, z in enumerate(zero_var.tolist()) if mode == "none" or not z]

@@ -213,7 +213,7 @@ def test_grpo_reward_and_off_policy_keys(tmp_path):
     assert g.tis_cap == 2.0 and g.dynamic_sampling == "skip"
     assert g.new_tokens == 300  # sized by mode: the think budget
     assert GRPOConfig(max_new_tokens=32).new_tokens == 32 and GRPOConfig().tis_cap is None
-    for bad, key in [("grpo:\n  tis_cap: 0.5\n", "grpo.tis_cap"), ("grpo:\n  dynamic_sampling: refill\n", "dynamic_sampling"),
+    for bad, key in [("grpo:\n  tis_cap: 0.5\n", "grpo.tis_cap"), ("grpo:\n  dynamic_sampling: resample\n", "dynamic_sampling"),
                      ("grpo:\n  reward: {weight: 1}\n", "grpo.reward.weight"), ("grpo:\n  max_new_tokens_think: 0\n", "max_new_tokens_think"),
                      ("grpo:\n  top_p: 0\n", "grpo.top_p")]:
         p.write_text(bad)

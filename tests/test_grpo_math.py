@@ -161,6 +161,7 @@ def test_dynamic_sampling_skip_drops_zero_variance_groups():
     zv = zero_variance_groups(torch.tensor([[1.3, 1.3], [0.3, 1.3], [-1.0, -1.0], [0.3, -1.0]]))
     assert kept_groups(zv, "none") == [0, 1, 2, 3]
     assert kept_groups(zv, "skip") == [1, 3]
+    assert kept_groups(zv, "refill") == [1, 3]  # the controller then rolls out more prompts
     assert kept_groups(torch.tensor([True, True]), "skip") == []  # the controller then skips the update
     with pytest.raises(ValueError):
-        kept_groups(zv, "refill")
+        kept_groups(zv, "resample")
