@@ -275,7 +275,7 @@ class Controller:
             keep += [len(groups) + i for i in kept_groups(zero_variance_groups(rewards), g.dynamic_sampling)]
             groups += new
             missing = g.prompts_per_step - len(keep)
-            if g.dynamic_sampling != "refill" or missing <= 0 or rounds > g.refill_rounds:
+            if g.dynamic_sampling != "refill" or missing <= 0 or rounds > (3 if g.refill_rounds is None else g.refill_rounds):
                 break
             need = max(missing, len(self.actors))
         keep = keep[: g.prompts_per_step]

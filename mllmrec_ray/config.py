@@ -174,6 +174,9 @@ class SFTConfig:
 
     Optimisation: lr, epochs, micro_batch_size, grad_accum, max_len.
     Loss: completion_only=True trains on the answer tokens only (paper code used the whole sequence).
+    reasoning_in: where an MDA-selected sample's refined CoT goes: `prompt` (None, the default: a
+        reference block in the prompt, as the authors' code) or `target` (the paper's template: the
+        completion is `[ITEM_<id>] <title>` then `<think>CoT</think>`, think first with prompt.think_first).
     Data: max_samples caps the training set (None = all train samples).
     Scale: num_workers Ray Train workers, each with `resources`; zero_stage for DeepSpeed.
     Resume: checkpoint_every optimizer steps the adapter and optimizer state are saved (0 = never);
@@ -186,6 +189,7 @@ class SFTConfig:
     grad_accum: PosInt = 8
     max_len: Annotated[Int, Field(ge=8)] = 1024
     completion_only: Bool = True
+    reasoning_in: Literal["prompt", "target"] | None = None
     max_samples: PosInt | None = None
     num_workers: PosInt = 1
     zero_stage: ZeroStage = 2
@@ -238,7 +242,7 @@ class GRPOConfig:
         on each token's policy term (null = off).
     dynamic_sampling: `skip` drops groups whose rewards are all equal from the learner batch
         (they carry no gradient but dilute the mean); `refill` drops them and samples more prompts,
-        up to refill_rounds extra rollout rounds, until prompts_per_step groups with reward variance
+        up to refill_rounds (default 3) extra rollout rounds, until prompts_per_step groups with reward variance
         are in the batch (DAPO); `none` keeps them.
     """
 
@@ -250,7 +254,7 @@ class GRPOConfig:
     reward: RewardTermsConfig = field(default_factory=RewardTermsConfig)
     tis_cap: Annotated[Float, Field(ge=1)] | None = None
     dynamic_sampling: Literal["none", "skip", "refill"] = "none"
-    refill_rounds: NonNegInt = 3
+    refill_rounds: NonNegInt | None = None  # None: 3 (a new key left at None keeps old runs' fingerprints)
     clip_eps: NonNegFloat = 0.2
     beta: NonNegFloat = 0.05
     std_normalize: Bool = False

@@ -26,18 +26,26 @@ def sft_texts(
     think_first: bool = False,
     n_candidates: int = 10,
     collab=None,
+    reasoning_in: str | None = None,
 ) -> list[dict]:
-    """One {"sample_id", "prompt", "answer", "has_reasoning"} per sample (answer without EOS)."""
+    """One {"sample_id", "prompt", "answer", "has_reasoning"} per sample (answer without EOS).
+
+    A sample's reasoning goes into its prompt (`reasoning_in` None / "prompt") or, "target", into
+    its completion as the paper's `<think>` block (then the prompt has no reference block).
+    """
+    if reasoning_in not in (None, "prompt", "target"):
+        raise ValueError(f"reasoning_in must be 'prompt' or 'target', got {reasoning_in!r}")
     reasoning = reasoning or {}
+    in_target = reasoning_in == "target"
     out = []
     for s in samples:
         text = reasoning.get(s["sample_id"])
-        messages = sample_messages(s, items, reasoning=text, with_captions=with_captions,
+        messages = sample_messages(s, items, reasoning=None if in_target else text, with_captions=with_captions,
                                    think_first=think_first, n_candidates=n_candidates, collab=collab)
         out.append({
             "sample_id": s["sample_id"],
             "prompt": render_prompt(tokenizer, messages),
-            "answer": sft_target(s, items, think_first=think_first),
+            "answer": sft_target(s, items, think=text if in_target else None, think_first=think_first),
             "has_reasoning": text is not None,
         })
     return out

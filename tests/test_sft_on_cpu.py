@@ -93,6 +93,26 @@ def test_reasoning_only_for_selected_samples(tiny):
     assert all("Film" in t["answer"] and "<think>" not in t["answer"] for t in texts)
 
 
+@pytest.mark.parametrize("think_first", [False, True])
+def test_reasoning_in_target_is_the_papers_think_block(tiny, think_first):
+    from mllmrec_ray.parsing import parse_answer
+
+    tok = load_tokenizer(tiny)
+    samples = _samples(3)
+    texts = sft_texts(samples, ITEMS, tok, reasoning={"u1": "Step 1: likes <think>films</think>."},
+                      think_first=think_first, reasoning_in="target")
+    plain = sft_texts(samples, ITEMS, tok, think_first=think_first)
+    assert [t["has_reasoning"] for t in texts] == [False, True, False]
+    # the prompt carries no reference block; the completion carries the CoT as a think block
+    assert texts[1]["prompt"] == plain[1]["prompt"] and "Step 1" not in texts[1]["prompt"]
+    parsed = parse_answer(texts[1]["answer"], samples[1]["candidates"], think_first=think_first)
+    assert parsed.well_formed and parsed.item_id == samples[1]["target"]
+    assert parsed.think == "Step 1: likes films."  # nested tags stripped, so the label stays parseable
+    assert [texts[i]["answer"] for i in (0, 2)] == [plain[i]["answer"] for i in (0, 2)]
+    with pytest.raises(ValueError, match="reasoning_in"):
+        sft_texts(samples, ITEMS, tok, reasoning_in="both")
+
+
 def test_sft_job_on_ray_train(tiny, tmp_path, capsys, monkeypatch):
     """Train on Ray Train, crash mid-run, resume from the checkpoint, log to TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
