@@ -52,7 +52,6 @@ class VLMCaptioner:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from PIL import Image
-        from vllm import SamplingParams
 
         from mllmrec_ray.captions import clean_vlm_caption
         from mllmrec_ray.cot_prompts import caption_messages
@@ -74,8 +73,8 @@ class VLMCaptioner:
         texts = [None] * len(errors)
         if convs:
             self.calls += len(convs)
-            outs = self.engine.llm.chat(convs, SamplingParams(**self.sampling), use_tqdm=False)
+            outs = self.engine.chat(convs, self.sampling)
             for i, o in zip(ok, outs):
-                texts[i] = clean_vlm_caption(o.outputs[0].text, out["title"][i])
+                texts[i] = clean_vlm_caption(o.text, out["title"][i])
         out["caption"], out["error"] = texts, errors
         return out

@@ -61,27 +61,14 @@ class LocalGenerator:
         self.judge, self.judge_retries, self.json_schema = judge, judge_retries, json_schema
         self.calls = 0  # engine requests made by this actor
 
-    def _params(self):
-        from vllm import SamplingParams
-
-        kwargs = dict(self.sampling)
-        if self.json_schema is not None:
-            from vllm.sampling_params import StructuredOutputsParams
-
-            kwargs["structured_outputs"] = StructuredOutputsParams(json=self.json_schema)
-        return SamplingParams(**kwargs)
-
     def _run(self, conversations: list[list[dict]]) -> list[tuple[str, str | None, int]]:
         """(text, finish_reason, completion tokens) per conversation, in order."""
         from mllmrec_ray.prompts import render_prompt
 
-        params = self._params()
         if any(isinstance(m["content"], list) for conv in conversations for m in conv):
             self.calls += len(conversations)
-            outs = self.engine.llm.chat([_with_images(c) for c in conversations], params, use_tqdm=False)
-            return [(o.outputs[0].text, o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in outs]
-        from vllm.inputs import TokensPrompt
-
+            outs = self.engine.chat([_with_images(c) for c in conversations], self.sampling, self.json_schema)
+            return [(o.text, o.finish_reason, o.completion_tokens) for o in outs]
         ids = [self.engine.encode(render_prompt(self.engine.tokenizer, c)) for c in conversations]
         # A prompt that leaves no room for the answer is recorded as such, not sent (vLLM would fail the batch).
         room = self.engine.config.max_model_len - 16
@@ -89,10 +76,9 @@ class LocalGenerator:
         results = [("", "prompt_too_long", 0)] * len(ids)
         if fits:
             self.calls += len(fits)
-            outs = self.engine.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in fits], params,
-                                            use_tqdm=False)
+            outs = self.engine.complete([ids[i] for i in fits], self.sampling, self.json_schema)
             for i, o in zip(fits, outs):
-                results[i] = (o.outputs[0].text, o.outputs[0].finish_reason, len(o.outputs[0].token_ids))
+                results[i] = (o.text, o.finish_reason, o.completion_tokens)
         return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -120,7 +120,7 @@ class RolloutActor(WeightReceiverMixin):
         if self.engine.lora_rank is not None:  # the adapter requests run with, and every one vLLM holds
             req = self.engine.lora_request
             out["lora"] = {"current": req.lora_name if req else None,
-                           "loaded": sorted(self.engine.llm.llm_engine.list_loras()),
+                           "loaded": self.engine.loaded_adapters(),
                            "one_adapter_ops": self.engine.fast_lora_ops}
         return out
 

@@ -313,15 +313,70 @@ class Engine:
         """Per sequence, log p(token i | tokens < i) for i = 1..n-1 under the current weights and adapter
         (raw logits: temperature 1, no top-p). Each sequence is recomputed, never read from the prefix
         cache (a cached position reports no log-prob)."""
+        return [lps for lps, _ in self.prompt_logprobs(sequences, use_cache=False)]
+
+    def prompt_logprobs(self, sequences: list[list[int]], use_cache: bool = True) -> list[tuple[list, int]]:
+        """Per sequence: ([log p(token i | tokens < i) for i = 1..n-1], number of tokens read from the
+        prefix cache). With `use_cache`, positions served from the cache have no log-prob (None): a
+        caller that needs position i checks that fewer than i tokens were cached."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
-                                skip_reading_prefix_cache=True)
+                                skip_reading_prefix_cache=not use_cache)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params,
                                     use_tqdm=False, lora_request=self.lora_request)
-        return [[float(pos[tok].logprob) for pos, tok in zip(o.prompt_logprobs[1:], seq[1:])]
-                for o, seq in zip(outputs, sequences)]
+        out = []
+        for o, seq in zip(outputs, sequences):
+            pls = list(o.prompt_logprobs or [])
+            lps = [float(pls[i][tok].logprob) if i < len(pls) and pls[i] is not None and tok in pls[i] else None
+                   for i, tok in enumerate(seq) if i > 0]
+            out.append((lps, int(o.num_cached_tokens or 0)))
+        return out
+
+    def prefill(self, prompt_ids: list[list[int]]) -> None:
+        """Run each prompt once so its full KV blocks sit in the prefix cache for the next requests."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids],
+                          SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False, lora_request=self.lora_request)
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV-cache block (prefix caching shares whole blocks only)."""
+        return self.llm.llm_engine.vllm_config.cache_config.block_size
+
+    def _params(self, sampling: dict, json_schema: dict | None):
+        from vllm import SamplingParams
+
+        kwargs = dict(sampling)
+        if json_schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kwargs["structured_outputs"] = StructuredOutputsParams(json=json_schema)
+        return SamplingParams(**kwargs)
+
+    def chat(self, conversations: list[list[dict]], sampling: dict, json_schema: dict | None = None) -> list[Completion]:
+        """One completion per conversation; vLLM renders the chat template and any image parts.
+        `sampling`: SamplingParams fields; `json_schema`: constrain the output to that JSON schema."""
+        outs = self.llm.chat(conversations, self._params(sampling, json_schema), use_tqdm=False,
+                             lora_request=self.lora_request)
+        return [Completion(o.outputs[0].text, list(o.outputs[0].token_ids), o.outputs[0].finish_reason,
+                           len(o.prompt_token_ids or []), len(o.outputs[0].token_ids)) for o in outs]
+
+    def complete(self, prompt_ids: list[list[int]], sampling: dict, json_schema: dict | None = None) -> list[Completion]:
+        """One completion per already tokenized prompt (see `chat` for the arguments)."""
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids],
+                                 self._params(sampling, json_schema), use_tqdm=False, lora_request=self.lora_request)
+        return [Completion(o.outputs[0].text, list(o.outputs[0].token_ids), o.outputs[0].finish_reason,
+                           len(ids), len(o.outputs[0].token_ids)) for ids, o in zip(prompt_ids, outs)]
+
+    def loaded_adapters(self) -> list[int]:
+        """LoRA ids the engine holds (adapter-only sync keeps at most the current one)."""
+        return sorted(self.llm.llm_engine.list_loras())
 
     def load_adapter(self, buckets: list[bytes], config: dict) -> float:
         """Put a new adapter version over the frozen base; returns seconds taken.

@@ -181,41 +181,32 @@ class VLLMScorer:
     def __init__(self, engine: Any, prompts_per_batch: int = 8):
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.block_size = engine.llm.llm_engine.vllm_config.cache_config.block_size
+        self.block_size = engine.block_size
         self.prompts_per_batch = prompts_per_batch  # bounds the cached prompts between prefill and use
 
     def score(self, prompt_ids: list[list[int]], answers: list[list[list[int]]]) -> list[list[float]]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        prefill = SamplingParams(max_tokens=1, temperature=0.0)
-        cached, uncached = (SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
-                                           skip_reading_prefix_cache=skip) for skip in (False, True))
-        lora = getattr(self.engine, "lora_request", None)  # an engine's current adapter (adapter-only sync)
         out: list[list[float]] = []
         for start in range(0, len(prompt_ids), self.prompts_per_batch):
             p_batch = prompt_ids[start:start + self.prompts_per_batch]
             a_batch = answers[start:start + self.prompts_per_batch]
-            self.engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in p_batch], prefill, use_tqdm=False,
-                                     lora_request=lora)
-            requests = [TokensPrompt(prompt_token_ids=p + a) for p, a_ids in zip(p_batch, a_batch) for a in a_ids]
-            outputs = self.engine.llm.generate(requests, cached, use_tqdm=False, lora_request=lora)
+            self.engine.prefill(p_batch)
+            requests = [p + a for p, a_ids in zip(p_batch, a_batch) for a in a_ids]
+            results = self.engine.prompt_logprobs(requests, use_cache=True)
             # Logprobs exist only from the first recomputed position on. A cache hit reaching the last
             # prompt token (a prompt filling whole blocks, or candidates sharing a block of answer
             # tokens such as "[ITEM_1") loses some: recompute those requests without the cache.
             starts = [len(p) for p, a_ids in zip(p_batch, a_batch) for _ in a_ids]
-            redo = [i for i, (o, n) in enumerate(zip(outputs, starts)) if o.num_cached_tokens > n - 1]
+            redo = [i for i, ((_, cached), n) in enumerate(zip(results, starts)) if cached > n - 1]
             if redo:
-                again = self.engine.llm.generate([requests[i] for i in redo], uncached, use_tqdm=False,
-                                                 lora_request=lora)
-                for i, o in zip(redo, again):
-                    outputs[i] = o
-            results = iter(zip(outputs, starts))
+                for i, r in zip(redo, self.engine.prompt_logprobs([requests[i] for i in redo], use_cache=False)):
+                    results[i] = r
+            it = iter(zip(results, starts))
             for a_ids in a_batch:
                 scores = []
                 for a in a_ids:
-                    o, n = next(results)
-                    scores.append(sum(o.prompt_logprobs[pos][tok].logprob for pos, tok in enumerate(a, start=n)))
+                    (lps, _), n = next(it)
+                    # lps[i - 1] is the log-prob of the token at position i
+                    scores.append(sum(lps[pos - 1] for pos in range(n, n + len(a))))
                 out.append(scores)
         return out
 
