@@ -88,6 +88,34 @@ def naive(model, prompts: list[list[int]], answers: list[list[list[int]]]) -> fl
     return time.perf_counter() - t0
 
 
+def write_report(out: dict, args, readout: str) -> None:
+    """Print the throughput table and write it (md) and the figures (json) under --out-dir, atomically."""
+    lines = [
+        f"# Evaluation throughput ({out['samples']} {args.split} prompts, mean {out['mean_prompt_tokens']} tokens, "
+        f"{readout} readout, batch {args.batch}, {args.threads} threads, load {out['load_avg_1m_at_start']})",
+        "",
+        "| path | samples/s | candidates/s | model TFLOP/s |",
+        "|---|---|---|---|",
+        f"| matmul ceiling (bf16, model shapes) | | | {out['matmul_ceiling_tflops']} |",
+        f"| bare batched forward, last logits only | {out['bare_samples_per_s']} | | {out['bare_tflops']} |",
+        f"| default scorer (HFScorer) | {out['scorer_samples_per_s']} | {out['scorer_candidates_per_s']} | "
+        f"{out['scorer_tflops']} |",
+        f"| naive forward per candidate | | {out['naive_candidates_per_s']} | |",
+    ]
+    if "vllm_candidates_per_s" in out:
+        lines.append(f"| vLLM prefix caching | | {out['vllm_candidates_per_s']} | |")
+    lines += ["", f"scorer / bare forward: {out['scorer_vs_bare']} (samples/s); scorer / naive: "
+              f"{out['scorer_vs_naive']}x (candidates/s)"]
+    text = "\n".join(lines)
+    print(text)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, body in (("eval_throughput.json", json.dumps(out, indent=2)), ("eval_throughput.md", text + "\n")):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(body)
+        tmp.replace(out_dir / name)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="prepared run data dir (samples.parquet, items.parquet, collab)")
@@ -175,30 +203,7 @@ def main() -> int:
         vscorer.score(prompts, answers)
         out["vllm_candidates_per_s"] = round(n_cand / (time.perf_counter() - t0), 2)
 
-    lines = [
-        f"# Evaluation throughput ({out['samples']} {args.split} prompts, mean {out['mean_prompt_tokens']} tokens, "
-        f"{cfg.eval.readout} readout, batch {args.batch}, {args.threads} threads, load {out['load_avg_1m_at_start']})",
-        "",
-        "| path | samples/s | candidates/s | model TFLOP/s |",
-        "|---|---|---|---|",
-        f"| matmul ceiling (bf16, model shapes) | | | {out['matmul_ceiling_tflops']} |",
-        f"| bare batched forward, last logits only | {out['bare_samples_per_s']} | | {out['bare_tflops']} |",
-        f"| default scorer (HFScorer) | {out['scorer_samples_per_s']} | {out['scorer_candidates_per_s']} | "
-        f"{out['scorer_tflops']} |",
-        f"| naive forward per candidate | | {out['naive_candidates_per_s']} | |",
-    ]
-    if "vllm_candidates_per_s" in out:
-        lines.append(f"| vLLM prefix caching | | {out['vllm_candidates_per_s']} | |")
-    lines += ["", f"scorer / bare forward: {out['scorer_vs_bare']} (samples/s); scorer / naive: "
-              f"{out['scorer_vs_naive']}x (candidates/s)"]
-    text = "\n".join(lines)
-    print(text)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, body in (("eval_throughput.json", json.dumps(out, indent=2)), ("eval_throughput.md", text + "\n")):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(body)
-        tmp.replace(out_dir / name)
+    write_report(out, args, cfg.eval.readout)
     return 0
 
 

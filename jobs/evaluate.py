@@ -59,16 +59,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "updates that bf16 merging rounds away)")
 
 
+def eval_settings(args: argparse.Namespace, data: Path) -> tuple:
+    """(readout, order shuffles, order ensemble, collab evidence or None): the flags, else the config's
+    eval.* and prompt.collab when --config is given, else answer readout, no shuffles, no evidence."""
+    from mllmrec_ray.config import load_config
+    from mllmrec_ray.run_data import load_collab
+
+    cfg = load_config(args.config, getattr(args, "set", None))  # --set: added by jobs.cli
+    readout = args.readout or (cfg.eval.readout if args.config else "answer")
+    shuffles = args.order_shuffles if args.order_shuffles is not None else (cfg.eval.order_shuffles if args.config else 0)
+    ensemble = args.order_ensemble if args.order_ensemble is not None else (cfg.eval.order_ensemble if args.config else 0)
+    if shuffles < 0 or ensemble < 0:
+        raise SystemExit(f"error: --order-shuffles {shuffles} and --order-ensemble {ensemble} must be >= 0")
+    if args.collab is not None:
+        cfg.prompt.collab = args.collab == "on"
+    elif not args.config:
+        cfg.prompt.collab = False
+    return readout, shuffles, ensemble, load_collab(data, cfg.prompt)
+
+
+def backends(args: argparse.Namespace, model_path: str) -> tuple:
+    """(vLLM engine or None, scorer or None, tokenizer): generate mode and the vllm scorer need the
+    engine, score mode and voting a scorer (transformers by default)."""
+    from mllmrec_ray.config import EngineConfig
+
+    engine = scorer = tokenizer = None
+    if args.mode == "generate" or args.scorer == "vllm":
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: faster start
+        from mllmrec_ray.engine import Engine
+
+        # 100-candidate prompts with captions run to a few thousand tokens.
+        engine = Engine(model_path, EngineConfig(dtype=args.dtype, seed=args.seed, max_model_len=4096))
+        tokenizer = engine.tokenizer
+    if args.mode == "score" or args.votes:
+        if args.scorer == "vllm":
+            from mllmrec_ray.scoring import VLLMScorer
+
+            scorer = VLLMScorer(engine, prompts_per_batch=args.batch)
+        else:
+            from mllmrec_ray.scoring import HFScorer
+
+            scorer = HFScorer(model_path, dtype=args.dtype, adapter=args.weights == "adapter", batch=args.batch)
+            tokenizer = scorer.tokenizer
+    return engine, scorer, tokenizer
+
+
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from mllmrec_ray.config import EngineConfig, load_config
     from mllmrec_ray.evaluation import (format_table, load_split, make_record, rankings_path, write_rankings,
                                         write_record)
     from mllmrec_ray.models import resolve_model
     from mllmrec_ray.parsing import parse_answer, parse_ranking
     from mllmrec_ray.prompts import render_prompt, sample_messages
-    from mllmrec_ray.run_data import load_collab, load_items
+    from mllmrec_ray.run_data import load_items
     from mllmrec_ray.scoring import rank_samples, rank_samples_over_orders, ranking_messages, vote_ranking
 
     data = Path(args.data)
@@ -83,17 +127,7 @@ def main(args: argparse.Namespace) -> int:
     manifest = json.loads((data / "manifest.json").read_text()) if (data / "manifest.json").exists() else {}
     dataset = manifest.get("dataset") or data.resolve().name
 
-    cfg = load_config(args.config, getattr(args, "set", None))  # --set: added by jobs.cli
-    readout = args.readout or (cfg.eval.readout if args.config else "answer")
-    shuffles = args.order_shuffles if args.order_shuffles is not None else (cfg.eval.order_shuffles if args.config else 0)
-    ensemble = args.order_ensemble if args.order_ensemble is not None else (cfg.eval.order_ensemble if args.config else 0)
-    if shuffles < 0 or ensemble < 0:
-        raise SystemExit(f"error: --order-shuffles {shuffles} and --order-ensemble {ensemble} must be >= 0")
-    if args.collab is not None:
-        cfg.prompt.collab = args.collab == "on"
-    elif not args.config:
-        cfg.prompt.collab = False
-    collab = load_collab(data, cfg.prompt)
+    readout, shuffles, ensemble, collab = eval_settings(args, data)
     model_path = resolve_model(args.model, args.cache_dir)
     samples, _ = load_split(data, args.split, args.candidates)
     if args.max_samples is not None:
@@ -102,26 +136,9 @@ def main(args: argparse.Namespace) -> int:
     rows = samples.to_dict("records")
     k = 5 if args.candidates == 10 else 10
 
-    engine = None
-    if args.mode == "generate" or args.scorer == "vllm":
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: faster start
-        from mllmrec_ray.engine import Engine
-
-        # 100-candidate prompts with captions run to a few thousand tokens.
-        engine = Engine(model_path, EngineConfig(dtype=args.dtype, seed=args.seed, max_model_len=4096))
-        tokenizer = engine.tokenizer
     if args.votes < 0:
         raise SystemExit(f"error: --votes {args.votes} must be >= 0")
-    if args.mode == "score" or args.votes:
-        if args.scorer == "vllm":
-            from mllmrec_ray.scoring import VLLMScorer
-
-            scorer = VLLMScorer(engine, prompts_per_batch=args.batch)
-        else:
-            from mllmrec_ray.scoring import HFScorer
-
-            scorer = HFScorer(model_path, dtype=args.dtype, adapter=args.weights == "adapter", batch=args.batch)
-            tokenizer = scorer.tokenizer
+    engine, scorer, tokenizer = backends(args, model_path)
 
     def messages_of(row: dict, without_history: bool = False) -> list[dict]:
         # the target never reaches a prompt: only history and candidates are passed on

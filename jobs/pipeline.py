@@ -302,6 +302,35 @@ def _results_table(path: Path) -> str:
     return "\n".join(out)
 
 
+def decide(cfg, config: dict, stages: list, run_dir: Path, only: set[str] | None, force: set[str]) -> tuple:
+    """(stage states, fingerprint records, run/skip decisions, stages that resume an interrupted attempt).
+
+    A resumable stage that runs keeps what an interrupted attempt left when that attempt had the same
+    fingerprint and nothing upstream reruns; otherwise its state is cleared (the reason says so)."""
+    from mllmrec_ray import fingerprint as fp
+
+    names = [name for name, _, _ in stages]
+    ancestors = fp.dependencies(names, with_captions=cfg.prompt.with_captions)
+    states = [fp.StageState(name, fp.stage_settings(name, argv, config, run_dir), ancestors[name],
+                            has_marker=done is not None, output_exists=done is not None and done.exists())
+              for name, argv, done in stages]
+    records = fp.read_records(run_dir, names)
+    decisions = fp.decide(states, records, only, force)
+    running = {d.name for d in decisions if d.run}
+    resume: set[str] = set()
+    for d, s in zip(decisions, states):
+        if d.run and s.name in RESUMABLE:
+            attempt = fp.attempt_for(s.name, s.settings, s.ancestors, records)
+            has_state = any((run_dir / r).exists() for r in RESUMABLE[s.name])
+            if (s.name not in force and not set(s.ancestors) & running
+                    and fp.same_inputs(fp.read_attempt(run_dir, s.name), attempt)):
+                resume.add(s.name)
+                d.reason += "; resuming the interrupted attempt (same fingerprint)"
+            elif has_state:
+                d.reason += f"; clearing {', '.join(RESUMABLE[s.name])}/ (made by another attempt)"
+    return states, records, decisions, resume
+
+
 def main(args: argparse.Namespace) -> int:
     import yaml
 
@@ -329,24 +358,8 @@ def main(args: argparse.Namespace) -> int:
               f"(no captions; every prompt is text only)", flush=True)
 
     config = to_dict(cfg)
-    ancestors = fp.dependencies(names, with_captions=cfg.prompt.with_captions)
-    states = [fp.StageState(name, fp.stage_settings(name, argv, config, run_dir), ancestors[name],
-                            has_marker=done is not None, output_exists=done is not None and done.exists())
-              for name, argv, done in stages]
-    records = fp.read_records(run_dir, names)
-    decisions = fp.decide(states, records, only, force)
+    states, records, decisions, resume = decide(cfg, config, stages, run_dir, only, force)
     running = {d.name for d in decisions if d.run}
-    resume: set[str] = set()
-    for d, s in zip(decisions, states):  # a resumable stage: keep or clear what an interrupted attempt left
-        if d.run and s.name in RESUMABLE:
-            attempt = fp.attempt_for(s.name, s.settings, s.ancestors, records)
-            has_state = any((run_dir / r).exists() for r in RESUMABLE[s.name])
-            if (s.name not in force and not set(s.ancestors) & running
-                    and fp.same_inputs(fp.read_attempt(run_dir, s.name), attempt)):
-                resume.add(s.name)
-                d.reason += "; resuming the interrupted attempt (same fingerprint)"
-            elif has_state:
-                d.reason += f"; clearing {', '.join(RESUMABLE[s.name])}/ (made by another attempt)"
     if args.dry_run:
         for d in decisions:
             print(d.line())

@@ -189,6 +189,19 @@ def load_checkpoint(engine, path: str | Path) -> dict:
 # ----------------------------------------------------------------------------- the training loop
 
 
+def log_step(metrics: dict, total: int, say, writer=None, metrics_file=None) -> None:
+    """Rank 0's record of one optimizer step: a console line, TensorBoard scalars, metrics.jsonl."""
+    say(f"[sft] step {metrics['step']}/{total} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
+        f"lr {metrics['lr']:.2e} grad-norm {metrics['grad_norm'] or 0:.3f} ({metrics['step_s']:.1f} s/step)")
+    if writer is not None:
+        for key in ("loss", "lr", "grad_norm", "step_s"):
+            if metrics[key] is not None:
+                writer.add_scalar(f"sft/{key}", metrics[key], metrics["step"])
+        writer.flush()
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+
+
 def train_steps(engine, examples: list[dict], pad_id: int, sft, *, rank: int = 0, world: int = 1,
                 max_steps: int | None = None, work_dir: str | Path | None = None, resume: str | None = None,
                 fingerprint: str = "", report=None, say=print, fail_at_step: int | None = None) -> dict:
@@ -266,16 +279,7 @@ def train_steps(engine, examples: list[dict], pad_id: int, sft, *, rank: int = 0
                            "step_s": now - t_step, "seconds": now - t0}
                 t_step = now
                 if rank == 0:
-                    say(f"[sft] step {step}/{total} epoch {epoch + 1} loss {last_loss:.4f} "
-                        f"lr {metrics['lr']:.2e} grad-norm {metrics['grad_norm'] or 0:.3f} "
-                        f"({metrics['step_s']:.1f} s/step)")
-                    if writer is not None:
-                        for key in ("loss", "lr", "grad_norm", "step_s"):
-                            if metrics[key] is not None:
-                                writer.add_scalar(f"sft/{key}", metrics[key], step)
-                        writer.flush()
-                        metrics_file.write(json.dumps(metrics) + "\n")
-                        metrics_file.flush()
+                    log_step(metrics, total, say, writer, metrics_file)
                 if report is not None:
                     report(metrics)
                 if work_dir is not None and sft.checkpoint_every and step % sft.checkpoint_every == 0 and step < total:
@@ -341,25 +345,25 @@ def train_loop(config: dict) -> None:
             say(f"[sft] merged model and adapter written to {config['out']}")
 
 
-def main(args: argparse.Namespace) -> int:
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def write_prompts(path, texts: list[dict], tokenized: list[dict | None]) -> None:
+    """The SFT examples as a parquet table (prompt, answer, kept, tokens), written atomically."""
+    import pyarrow as pa
 
-    from jobs.common import CommandError, check_input, check_output_dir, stage_config
-    from mllmrec_ray.config import to_dict
-    from mllmrec_ray.models import resolve_model
-    from mllmrec_ray.policy import MERGED_MARKER, is_complete, load_tokenizer
-    from mllmrec_ray.run_data import load_collab, load_items, load_reasoning, load_samples, pick_samples
-    from mllmrec_ray.sft_data import sft_texts, tokenize_example
+    from mllmrec_ray.io import atomic_write_parquet
 
-    cfg = stage_config(args, FLAGS)  # --config, --set, then the flags above, all validated
-    sft = cfg.sft
-    if not args.out and not args.write_prompts:
-        raise CommandError("mllmrec sft needs --out DIR (or --write-prompts PATH to only build the training examples)")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise CommandError(f"--max-steps {args.max_steps}: must be >= 1")
-    # inputs and outputs are checked before any work, so a bad path fails with nothing written
+    table = pa.Table.from_pylist([{
+        "sample_id": t["sample_id"], "prompt": t["prompt"], "answer": t["answer"],
+        "has_reasoning": t["has_reasoning"], "kept": ex is not None,
+        "tokens": len(ex["input_ids"]) if ex is not None else None} for t, ex in zip(texts, tokenized)])
+    atomic_write_parquet(table, path)
+    print(f"[sft] wrote {len(texts)} training examples to {path}; not training", flush=True)
+
+
+def check_paths(args: argparse.Namespace) -> tuple:
+    """(data, stage1 or None, out or None, work_dir or None), every input and output checked before any
+    work, so a bad path fails with one error naming it and nothing written."""
+    from jobs.common import CommandError, check_input, check_output_dir
+
     data = check_input(args.data, "--data", "dir")
     check_input(data / "samples.parquet", "--data", "file")
     check_input(data / "items.parquet", "--data", "file")
@@ -376,6 +380,28 @@ def main(args: argparse.Namespace) -> int:
     else:
         check_output_dir(out, "--out")
         check_output_dir(work_dir, "--work-dir")
+    return data, stage1, out, work_dir
+
+
+def main(args: argparse.Namespace) -> int:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.common import CommandError, stage_config
+    from mllmrec_ray.config import to_dict
+    from mllmrec_ray.models import resolve_model
+    from mllmrec_ray.policy import MERGED_MARKER, is_complete, load_tokenizer
+    from mllmrec_ray.run_data import load_collab, load_items, load_reasoning, load_samples, pick_samples
+    from mllmrec_ray.sft_data import sft_texts, tokenize_example
+
+    cfg = stage_config(args, FLAGS)  # --config, --set, then the flags above, all validated
+    sft = cfg.sft
+    if not args.out and not args.write_prompts:
+        raise CommandError("mllmrec sft needs --out DIR (or --write-prompts PATH to only build the training examples)")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise CommandError(f"--max-steps {args.max_steps}: must be >= 1")
+    data, stage1, out, work_dir = check_paths(args)
     if out is not None and not args.write_prompts and is_complete(out) and not args.force:
         print(f"[sft] {out} already holds a finished SFT model; skipping (use --force to retrain)")
         return 0
@@ -410,16 +436,7 @@ def main(args: argparse.Namespace) -> int:
           f"reasoning, {truncated} prompt-truncated, {dropped} dropped: answer longer than max_len "
           f"{sft.max_len}); tokens median {lengths[len(lengths) // 2]} max {lengths[-1]}", flush=True)
     if args.write_prompts:  # what the model would be trained on, for inspection and audits
-        import pyarrow as pa
-
-        from mllmrec_ray.io import atomic_write_parquet
-
-        table = pa.Table.from_pylist([{
-            "sample_id": t["sample_id"], "prompt": t["prompt"], "answer": t["answer"],
-            "has_reasoning": t["has_reasoning"], "kept": ex is not None,
-            "tokens": len(ex["input_ids"]) if ex is not None else None} for t, ex in zip(texts, tokenized)])
-        atomic_write_parquet(table, args.write_prompts)
-        print(f"[sft] wrote {len(texts)} training examples to {args.write_prompts}; not training", flush=True)
+        write_prompts(args.write_prompts, texts, tokenized)
         return 0
 
     fingerprint = resume_fingerprint(to_dict(cfg), model_path, args.max_steps, examples)

@@ -45,3 +45,16 @@ def test_cli_lives_in_jobs():
     assert not (REPO / "mllmrec_ray" / "cli.py").exists()
     text = (REPO / "pyproject.toml").read_text()
     assert 'mllmrec = "jobs.cli:main"' in text
+
+
+def test_no_function_over_100_lines():
+    """Long functions hide steps that deserve names (issue 12); nested functions count in their parent."""
+    long = []
+    for folder in ("mllmrec_ray", "actors", "jobs", "benchmarks", "tests"):
+        for p in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(p.read_text(), filename=str(p))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > 100:
+                        long.append(f"{p.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "\n".join(long)

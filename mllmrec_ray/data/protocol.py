@@ -50,6 +50,30 @@ def _row(sample_id: str, user: str, split: str, history, target: int, c10, c100,
             "candidates_100": None if c100 is None else [catalogue[i] for i in c100], "position": position}
 
 
+def user_sequences(interactions: pd.DataFrame, catalogue: list, tie_break: str) -> tuple[dict, int]:
+    """({user: catalogue indices of their distinct items in time order}, repeated interactions dropped).
+
+    Ties in time are broken as `build_samples` documents; a repeated item keeps its first time."""
+    log = interactions[["user_id", "item_id", "timestamp"]].copy()
+    log["row"] = np.arange(len(log))
+    ids = log["item_id"].astype(str)
+    numeric = tie_break == "item" and ids.str.isdigit().all()
+    log["tie"] = log["row"] if tie_break == "file" else (ids.astype("int64") if numeric else ids)
+    log = log.sort_values(["user_id", "timestamp", "tie", "row"], kind="stable")
+    repeated = log.duplicated(["user_id", "item_id"], keep="first")
+    log = log[~repeated]
+    index = {item: i for i, item in enumerate(catalogue)}
+    # log is sorted by user: cut its item indices where the user changes
+    item_idx = log["item_id"].map(index)
+    if item_idx.isna().any():
+        raise DataError(f"field 'item_id': interaction item {log['item_id'][item_idx.isna()].iloc[0]!r} "
+                        "is not in the items table")
+    item_idx = item_idx.to_numpy(dtype=np.int64)
+    user_col = log["user_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, user_col[1:] != user_col[:-1]])
+    return dict(zip(user_col[starts].tolist(), np.split(item_idx, starts[1:]))), int(repeated.sum())
+
+
 def build_samples(items: pd.DataFrame, interactions: pd.DataFrame, *, min_inter: int = 10, negatives: int = 9,
                   negatives_large: int = 99, seed: int = 0, split=(0.7, 0.1, 0.2),
                   tie_break: str = "item", train_windows: str = "last", window_stride: int = 1,
@@ -84,26 +108,8 @@ def build_samples(items: pd.DataFrame, interactions: pd.DataFrame, *, min_inter:
         raise DataError(f"window_stride={window_stride}: need >= 1")
     if max_windows_per_user is not None and max_windows_per_user < 1:
         raise DataError(f"max_windows_per_user={max_windows_per_user}: need >= 1 or None")
-    log = interactions[["user_id", "item_id", "timestamp"]].copy()
-    log["row"] = np.arange(len(log))
-    ids = log["item_id"].astype(str)
-    numeric = tie_break == "item" and ids.str.isdigit().all()
-    log["tie"] = log["row"] if tie_break == "file" else (ids.astype("int64") if numeric else ids)
-    log = log.sort_values(["user_id", "timestamp", "tie", "row"], kind="stable")
-    repeated = log.duplicated(["user_id", "item_id"], keep="first")
-    log = log[~repeated]
-
     catalogue = items["item_id"].tolist()
-    index = {item: i for i, item in enumerate(catalogue)}
-    # log is sorted by user: cut its item indices where the user changes
-    item_idx = log["item_id"].map(index)
-    if item_idx.isna().any():
-        raise DataError(f"field 'item_id': interaction item {log['item_id'][item_idx.isna()].iloc[0]!r} "
-                        "is not in the items table")
-    item_idx = item_idx.to_numpy(dtype=np.int64)
-    user_col = log["user_id"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, user_col[1:] != user_col[:-1]])
-    by_user = dict(zip(user_col[starts].tolist(), np.split(item_idx, starts[1:])))
+    by_user, repeated = user_sequences(interactions, catalogue, tie_break)
     # numeric ids in numeric order ("2" < "10"), other ids after them as text
     users = sorted(by_user, key=lambda u: (0, int(u), u) if u.isdigit() else (1, 0, u))
     kept = [u for u in users if len(by_user[u]) >= min_inter]
@@ -158,7 +164,7 @@ def build_samples(items: pd.DataFrame, interactions: pd.DataFrame, *, min_inter:
     stats = {
         "users": len(users),
         "users_below_min_inter": len(users) - len(kept),
-        "repeated_interactions": int(repeated.sum()),
+        "repeated_interactions": repeated,
         "samples": len(samples),
         "extra_windows": extra_windows,
         **{s: int((samples["split"] == s).sum()) for s in SPLITS},
