@@ -5,6 +5,11 @@ Usage: mllmrec baseline --data DIR --model pop|sasrec|random|min-id [--split tes
 
 pop and sasrec fit on the training samples' windows by default (the LLM's training
 data, SPEC section 1); `--train-data full` fits on every interaction of the training users.
+
+`--config FILE` / `--set KEY=VALUE` (added by jobs.cli) supply the defaults of `--split` (eval.split),
+`--candidates` (prompt.n_candidates), `--seed` (data.seed) and `--collab` (prompt.collab_window,
+collab_recent, collab_levels); a flag given wins. Without a config file the flags keep their own
+defaults (`--seed 0`, where data.seed defaults to 42).
 """
 
 from __future__ import annotations
@@ -13,6 +18,12 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+# flags that are config keys: argparse dest -> key (a flag given wins over --config)
+FLAGS = {"split": "eval.split", "candidates": "prompt.n_candidates", "seed": "data.seed"}
+COLLAB_KEYS = ("prompt.collab_window", "prompt.collab_recent", "prompt.collab_levels")
+# without --config: the flags' own defaults where the config classes' differ
+DEFAULTS = {"data.seed": 0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,13 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-data", choices=["windows", "full"], default="windows",
                         help="pop/sasrec fit on: windows = the training samples' windows, the data the LLM "
                              "trains on (default); full = every interaction of the training users")
-    parser.add_argument("--collab", default="3,3,5", metavar="WINDOW,RECENT,LEVELS",
-                        help="collab: prompt.collab_window, collab_recent, collab_levels")
-    parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    parser.add_argument("--candidates", type=int, default=10, choices=[10, 100])
+    parser.add_argument("--collab", default=None, metavar="WINDOW,RECENT,LEVELS",
+                        help="collab: prompt.collab_window, collab_recent, collab_levels (default 3,3,5)")
+    parser.add_argument("--split", default=None, choices=["train", "valid", "test"],
+                        help="eval.split (default test)")
+    parser.add_argument("--candidates", type=int, default=None, choices=[10, 100],
+                        help="prompt.n_candidates (default 10)")
     parser.add_argument("--out", required=True, help="evaluation record JSON to write (the per-sample "
                         "rankings go beside it, see evaluation.rankings_path)")
-    parser.add_argument("--seed", type=int, default=0, help="training and bootstrap seed")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="training and bootstrap seed (data.seed; default 0 without --config)")
     parser.add_argument("--epochs", type=int, default=30,
                         help="SASRec max epochs (early stopping on valid usually ends sooner)")
     parser.add_argument("--max-seconds", type=float, default=170.0,
@@ -37,8 +51,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "stopped_by says whether it cut training short")
 
 
+def resolve(args: argparse.Namespace) -> None:
+    """Fill --split, --candidates, --seed and --collab from `--config` / `--set` where not given on the
+    command line, every value validated like the config (ConfigError names the key)."""
+    from jobs.common import stage_config
+    from mllmrec_ray.config import set_value
+
+    cfg = stage_config(args, flags=FLAGS, defaults=DEFAULTS)
+    if args.collab is not None:
+        try:
+            values = [int(v) for v in args.collab.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != len(COLLAB_KEYS):
+            raise SystemExit(f"error: --collab {args.collab!r}: expected WINDOW,RECENT,LEVELS (e.g. 3,3,5)")
+        for key, value in zip(COLLAB_KEYS, values):
+            set_value(cfg, key, value, source=f"--collab {args.collab}")
+    p = cfg.prompt
+    args.split, args.candidates, args.seed = cfg.eval.split, p.n_candidates, cfg.data.seed
+    args.collab = f"{p.collab_window},{p.collab_recent},{p.collab_levels}"
+
+
 def main(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
+
+    resolve(args)  # before reading anything: a bad value stops here
 
     from mllmrec_ray.evaluation import (format_table, load_split, make_record, rankings_path, write_record,
                                         write_rankings)

@@ -37,7 +37,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # clients of a cluster's HTTP API: they start or join no Ray node
 CLIENT_COMMANDS = {"submit", "jobs"}
 # stages that read the pipeline config: each gets --config / --set, validated before it runs
-CONFIG_COMMANDS = {"textualize", "cot", "mda", "sft", "grpo", "eval", "serve", "pipeline"}
+# ("data prepare": the `prepare` sub-command of `data`; `data fetch` reads no config)
+CONFIG_COMMANDS = {"textualize", "cot", "mda", "sft", "grpo", "eval", "serve", "pipeline",
+                   "data prepare", "baseline", "report"}
 EXIT_USAGE = 2
 
 
@@ -68,10 +70,30 @@ def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
             raise
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
-        if name in CONFIG_COMMANDS:
-            add_config_arguments(p)
         p.set_defaults(_module=module)
+    commands = sub.choices
+    for command in sorted(CONFIG_COMMANDS):
+        first, *nested = command.split()
+        if first not in commands:
+            continue
+        p = commands[first]
+        for part in nested:  # e.g. `data prepare`: the sub-command's own parser
+            p = _subcommands(p)[part]
+        add_config_arguments(p)
+        p.set_defaults(_config_command=command)
     return parser
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """name -> parser of a parser's sub-commands."""
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return action.choices
+
+
+def config_command(args: argparse.Namespace) -> str | None:
+    """The CONFIG_COMMANDS entry parsed `args` run (e.g. "sft", "data prepare"), None for a
+    command that reads no config (`data fetch`, `models`, `submit`, ...)."""
+    return getattr(args, "_config_command", None)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> int:
@@ -110,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "_module", None):
             parser.print_help()
             return EXIT_USAGE
-        if args.command in CONFIG_COMMANDS:
+        if config_command(args):
             from jobs.common import stage_config
 
             stage_config(args)  # a bad key or value stops here, before the stage writes anything

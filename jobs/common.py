@@ -115,13 +115,23 @@ def add_config_arguments(parser) -> None:
                             help="config override, repeatable, e.g. --set sft.lr=1e-5 (validated like the YAML)")
 
 
-def stage_config(args, flags: dict[str, str] | None = None, path=...):
+def stage_config(args, flags: dict[str, str] | None = None, path=..., defaults: dict | None = None):
     """The validated config of a stage: `--config` (or `path`), then every `--set`, then the stage's
     own flags given on the command line (`flags`: argparse dest -> dotted key, e.g.
-    {"steps": "grpo.steps"}), each checked like a YAML value. Raises ConfigError naming the key."""
+    {"steps": "grpo.steps"}), each checked like a YAML value. Raises ConfigError naming the key.
+
+    defaults: dotted key -> value, the stage's own defaults where they differ from the config
+    classes' (e.g. {"data.seed": 0}); used only without a config file, under the `--set`s, so a
+    command keeps its historical defaults unless a config is given."""
+    import json
+
     from mllmrec_ray.config import load_config, set_value
 
-    cfg = load_config(getattr(args, "config", None) if path is ... else path, getattr(args, "set", None) or [])
+    config = getattr(args, "config", None) if path is ... else path
+    overrides = list(getattr(args, "set", None) or [])
+    if config is None and defaults:
+        overrides = [f"{key}={json.dumps(value)}" for key, value in defaults.items()] + overrides
+    cfg = load_config(config, overrides)
     for dest, key in (flags or {}).items():
         value = getattr(args, dest, None)
         if value is not None:

@@ -242,10 +242,15 @@ def order_table(records: list[dict]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/quickstart")
+    p.add_argument("run_dir", type=Path, nargs="?", default=None,
+                   help="a run directory, e.g. runs/quickstart (default: <runs_dir>/<name> of --config)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.run_dir is None:
+        from jobs.common import stage_config
+
+        args.run_dir = stage_config(args).run_dir
     if not args.run_dir.is_dir():
         print(f"error: run directory {args.run_dir} does not exist")
         return 2

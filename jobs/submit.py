@@ -140,12 +140,24 @@ def check_stage(args: argparse.Namespace, stage_args: list[str]):
     --set), here, before anything is submitted. Returns the validated config (None for a stage
     that reads none). Raises UsageError / ConfigError naming the option or key."""
     from jobs.common import stage_config
-    from jobs.cli import CONFIG_COMMANDS, build_parser
+    from jobs.cli import build_parser, config_command
 
     stage_ns = build_parser().parse_args([args.stage, *stage_args])
-    if args.stage not in CONFIG_COMMANDS:
+    if config_command(stage_ns) is None:
         return None
     return stage_config(stage_ns, path=args.config or _stage_default_config(getattr(stage_ns, "config", None)))
+
+
+def _nested_command_length(stage: str, stage_args: list[str]) -> int:
+    """How many of `stage_args` come before the options of the command that reads the config: 0,
+    or up to and including `prepare` of `data prepare`."""
+    from jobs.cli import build_parser, config_command
+
+    nested = (config_command(build_parser().parse_args([stage, *stage_args])) or stage).split()[1:]
+    end = 0
+    for part in nested:
+        end = stage_args.index(part, end) + 1
+    return end
 
 
 def build_job(args: argparse.Namespace, stage_args: list[str]) -> dict:
@@ -175,7 +187,10 @@ def build_job(args: argparse.Namespace, stage_args: list[str]) -> dict:
         shell = f'CFG="$PWD/.mllmrec-config-{job_id}.yaml" && printf "%s" "${CONFIG_ENV}" > "$CFG" && '
         metadata["config"] = str(args.config)
         metadata["run_name"] = checked.name if checked is not None else load_config(args.config).name
-        command += ["--config", "@CFG@"]
+        # after the sub-command that takes it (`data prepare --config ...`)
+        nested = _nested_command_length(args.stage, stage_args)
+        command += [*stage_args[:nested], "--config", "@CFG@"]
+        stage_args = stage_args[nested:]
     command += stage_args
     cwd = args.cwd or (os.getcwd() if local else None)
     entry = " ".join('"$CFG"' if c == "@CFG@" else shlex.quote(c) for c in command)

@@ -52,22 +52,73 @@ def test_bad_value_is_one_error_line_and_nothing_is_written(tmp_path, capsys, ke
     assert not (tmp_path / "run").exists()
 
 
+# every sub-command that runs a stage, with its required arguments
+STAGES = {"textualize": ["--data", "d", "--out", "o"], "cot": ["--data", "d", "--stage1", "s"],
+          "mda": ["--data", "d", "--stage1", "s"], "sft": ["--data", "d"], "grpo": [],
+          "eval": ["--data", "d", "--model", "m"], "serve": ["--data", "d", "--model", "m"], "pipeline": [],
+          "data prepare": ["--dataset", "ml-100k", "--out", "o"], "baseline": ["--data", "d", "--model", "pop",
+                                                                               "--out", "o.json"],
+          "report": ["r"]}
+
+
+def _subparser(name: str):
+    parser = build_parser()
+    for part in name.split():
+        parser = parser._subparsers._group_actions[0].choices[part]
+    return parser
+
+
 def test_every_config_stage_takes_config_and_set_in_one_place(tmp_path, capsys):
-    sub = build_parser()._subparsers._group_actions[0].choices
-    required = {"textualize": ["--data", "d", "--out", "o"], "cot": ["--data", "d", "--stage1", "s"],
-                "mda": ["--data", "d", "--stage1", "s"], "sft": ["--data", "d"], "grpo": [],
-                "eval": ["--data", "d", "--model", "m"], "serve": ["--data", "d", "--model", "m"], "pipeline": []}
-    assert set(required) == CONFIG_COMMANDS
+    assert set(STAGES) == CONFIG_COMMANDS
     bad = tmp_path / "bad.yaml"
     bad.write_text("sft: {zero_stage: 9}\n")
-    for stage, args in required.items():
-        assert {"--config", "--set"} <= set(sub[stage]._option_string_actions), stage
-        assert main([stage, *args, "--set", "grpo.steps=-3"]) == 2
+    for stage, args in STAGES.items():
+        assert {"--config", "--set"} <= set(_subparser(stage)._option_string_actions), stage
+        assert main([*stage.split(), *args, "--set", "grpo.steps=-3"]) == 2
         assert _one_error_line(capsys.readouterr().err).startswith("error: grpo.steps: -3 is out of range"), stage
-        assert main([stage, *args, "--config", str(bad)]) == 2
+        assert main([*stage.split(), *args, "--config", str(bad)]) == 2
         assert _one_error_line(capsys.readouterr().err) == (
             f"error: sft.zero_stage: 9 is out of range (allowed: an integer in [0, 3]); in {bad}"), stage
     assert list(tmp_path.iterdir()) == [bad]  # nothing but the config file
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_help_shows_config(stage, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*stage.split(), "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: mllmrec {stage} ") and "--config CONFIG" in out and "--set KEY=VALUE" in out
+
+
+def test_commands_without_a_stage_config_do_not_take_it():
+    for command in ("data fetch", "models", "jobs"):
+        assert "--config" not in _subparser(command)._option_string_actions, command
+
+
+@pytest.mark.parametrize("argv,key", [
+    (["data", "prepare", "--dataset", "ml-100k", "--set", "data.min_inter=0"], "data.min_inter"),
+    (["data", "prepare", "--dataset", "ml-100k", "--min-inter", "1"], "data.min_inter"),
+    (["data", "prepare", "--dataset", "ml-100k", "--window-stride", "0"], "data.window_stride"),
+    (["baseline", "--data", "d", "--model", "pop", "--set", "eval.split=tset"], "eval.split"),
+    (["baseline", "--data", "d", "--model", "collab", "--collab", "3,3,1"], "prompt.collab_levels"),
+    (["report", "--set", "name=../x"], "name"),
+], ids=["prepare-set", "prepare-flag", "prepare-stride", "baseline-set", "baseline-collab", "report-set"])
+def test_new_config_stages_bad_value_is_one_error_line(tmp_path, capsys, argv, key):
+    out = ["--out", str(tmp_path / "out")] if argv[0] != "report" else []
+    assert main([*argv, *out]) == 2
+    assert _one_error_line(capsys.readouterr().err).startswith(f"error: {key}: ")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_prepare_bad_set_value_names_the_key(tmp_path, capsys):
+    """The issue's example, as the real command line reports it."""
+    rc = main(["data", "prepare", "--dataset", "ml-100k", "--out", str(tmp_path / "out"), "--set", "data.min_inter=0"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert _one_error_line(err) == ("error: data.min_inter: 0 is out of range (allowed: an integer >= 2); "
+                                    "from --set data.min_inter=0")
+    assert not (tmp_path / "out").exists()
 
 
 def test_float_override_works(tmp_path, capsys):
