@@ -3,7 +3,7 @@
 Rows arrive with `key`, `item_id`, `title`, `image_path` and leave with `caption`
 (plus `error` when an image could not be read; such rows keep `caption = None`).
 
-- `PixelCaptioner`: the deterministic pixel-stats description (`mllmrec_ray.captions`),
+- `PixelCaptioner`: the deterministic pixel-stats description (`mllmrec_ray.stage1.captions`),
   the CPU default. Not a neural caption, and stored under its own name.
 - `VLMCaptioner`: a vision-language model through vLLM's multimodal chat input
   (Qwen2.5-VL / Qwen3-VL class models on GPUs; any model vLLM serves with image input).
@@ -23,7 +23,7 @@ def _rows(batch: dict[str, np.ndarray]) -> dict[str, list]:
 
 class PixelCaptioner:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from mllmrec_ray.captions import pixel_caption
+        from mllmrec_ray.stage1.captions import pixel_caption
 
         out = _rows(batch)
         out["caption"], out["error"] = [], []
@@ -43,8 +43,8 @@ class VLMCaptioner:
     def __init__(self, model: str, engine: dict | None = None, sampling: dict | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from mllmrec_ray.config import EngineConfig
-        from mllmrec_ray.engine import Engine
-        from mllmrec_ray.models import resolve_model
+        from mllmrec_ray.runtime.engine import Engine
+        from mllmrec_ray.runtime.models import resolve_model
 
         self.engine = Engine(resolve_model(model), EngineConfig(**(engine or {})), limit_mm_per_prompt={"image": 1})
         self.sampling = {"temperature": 0.0, "max_tokens": 96, **(sampling or {})}
@@ -53,8 +53,8 @@ class VLMCaptioner:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from PIL import Image
 
-        from mllmrec_ray.captions import clean_vlm_caption
-        from mllmrec_ray.cot_prompts import caption_messages
+        from mllmrec_ray.stage1.captions import clean_vlm_caption
+        from mllmrec_ray.stage1.cot_prompts import caption_messages
 
         out = _rows(batch)
         convs, ok, errors = [], [], []

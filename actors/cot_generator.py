@@ -1,11 +1,11 @@
 """Ray Data callables for Stage I text generation (pseudo-CoT, refinement, judge).
 
 Rows arrive with `key` and `messages` (chat messages as JSON, built by the job from
-`mllmrec_ray.cot_prompts`, i.e. from the history only) and leave with the generated
+`mllmrec_ray.stage1.cot_prompts`, i.e. from the history only) and leave with the generated
 `text`. The callables never see a target: sanitising and storing happen in
 `store_generations`, a separate step that gets the targets from the job.
 
-- `LocalGenerator`: one vLLM engine per actor (`mllmrec_ray.engine.Engine`), any local
+- `LocalGenerator`: one vLLM engine per actor (`mllmrec_ray.runtime.engine.Engine`), any local
   model; text prompts go through the model's chat template, prompts with image parts
   through vLLM's multimodal chat input.
 - `OpenAIGenerator`: an OpenAI-compatible `/chat/completions` endpoint (e.g. DeepSeek-R1)
@@ -29,7 +29,7 @@ import numpy as np
 
 
 def _judge_fields(text: str | None, attempts: int) -> dict:
-    from mllmrec_ray.cot_prompts import parse_judge
+    from mllmrec_ray.stage1.cot_prompts import parse_judge
 
     parsed = parse_judge(text)
     return {"valid": parsed is not None, "scores": json.dumps(parsed) if parsed else None, "attempts": attempts}
@@ -48,8 +48,8 @@ class LocalGenerator:
                  max_images: int = 0):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from mllmrec_ray.config import EngineConfig
-        from mllmrec_ray.engine import Engine
-        from mllmrec_ray.models import resolve_model
+        from mllmrec_ray.runtime.engine import Engine
+        from mllmrec_ray.runtime.models import resolve_model
 
         extra: dict[str, Any] = {"limit_mm_per_prompt": {"image": max_images}} if max_images else {}
         if json_schema is not None:  # compact JSON: no whitespace runs eating the token budget
@@ -63,7 +63,7 @@ class LocalGenerator:
 
     def _run(self, conversations: list[list[dict]]) -> list[tuple[str, str | None, int]]:
         """(text, finish_reason, completion tokens) per conversation, in order."""
-        from mllmrec_ray.prompts import render_prompt
+        from mllmrec_ray.prompting.prompts import render_prompt
 
         if any(isinstance(m["content"], list) for conv in conversations for m in conv):
             self.calls += len(conversations)
@@ -84,7 +84,7 @@ class LocalGenerator:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        from mllmrec_ray.engine import restore_thread_budget
+        from mllmrec_ray.runtime.engine import restore_thread_budget
 
         # In the thread that generates (Ray Data may call from another thread than __init__'s):
         # the engine's attention metadata and kernels then agree on the actor's thread count.
@@ -115,7 +115,7 @@ class LocalGenerator:
 
 def _batch_id(keys) -> str:
     """Id of the rows generated in one call (their `batch_seconds` is that call's time)."""
-    from mllmrec_ray.stage1_store import content_hash
+    from mllmrec_ray.stage1.store import content_hash
 
     return content_hash(sorted(map(str, keys)))[:16]
 
@@ -204,7 +204,7 @@ class OpenAIGenerator:
     def complete(self, messages: list[dict], attempt: int = 1) -> tuple[str, str | None, int]:
         """(text, finish_reason, completion tokens) for one conversation; cached on disk."""
         from mllmrec_ray.io import atomic_write_json
-        from mllmrec_ray.stage1_store import content_hash
+        from mllmrec_ray.stage1.store import content_hash
 
         body = self._body(messages, attempt)
         path = self.cache_dir / f"{content_hash([self.url, body])}.json" if self.cache_dir else None
@@ -282,14 +282,14 @@ def store_generations(batch: dict[str, np.ndarray], store_root: str, targets: di
     """Sanitise generated CoTs against their sample's target and persist the batch as one part file.
 
     targets: sample_id -> (target id, target title, candidate ids); when given, `text` is
-    masked (`mllmrec_ray.parsing.sanitize_cot`), dropped if a mention survives, and stored
+    masked (`mllmrec_ray.prompting.parsing.sanitize_cot`), dropped if a mention survives, and stored
     as `cot` with `n_masks` / `dropped`. The raw text of a CoT is never stored.
     Returns `{"n": [rows stored]}` so the driver can count finished rows.
     """
     import pyarrow as pa
 
-    from mllmrec_ray.cot_prompts import sanitize_generation
-    from mllmrec_ray.stage1_store import PartStore
+    from mllmrec_ray.stage1.cot_prompts import sanitize_generation
+    from mllmrec_ray.stage1.store import PartStore
 
     rows = {k: list(v) for k, v in batch.items()}
     n = len(rows["key"])

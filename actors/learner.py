@@ -26,11 +26,11 @@ import ray
 import torch
 
 from mllmrec_ray.config import GRPOConfig, LoraConfig, from_dict
-from mllmrec_ray.grpo import grpo_loss, tis_weights
+from mllmrec_ray.rl.grpo import grpo_loss, tis_weights
 from mllmrec_ray.io import atomic_write_text
-from mllmrec_ray.policy import (adapter_config, adapter_state, base_model_bytes, build_policy, deepspeed_engine,
+from mllmrec_ray.runtime.policy import (adapter_config, adapter_state, base_model_bytes, build_policy, deepspeed_engine,
                                 group_logprobs, load_tokenizer, merged_lora_state, save_merged)
-from mllmrec_ray.weights import to_buckets
+from mllmrec_ray.rl.weights import to_buckets
 
 from actors.weight_sync import WeightSenderMixin
 

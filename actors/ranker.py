@@ -1,10 +1,10 @@
 """The trained ranker on Ray Serve: retrieval (Popularity or SASRec) then LLM re-ranking.
 
 `POST /recommend` takes a `RecommendRequest` and answers a `RecommendResponse`
-(`mllmrec_ray.serve_logic`; both schemas are in `/openapi.json` and on `/docs`). Without
+(`mllmrec_ray.ranking.serve_logic`; both schemas are in `/openapi.json` and on `/docs`). Without
 candidates the retrieval stage proposes the `serve.retrieval_top_n` best items not in the
 history; the LLM then ranks them with the evaluated readout and order ensemble
-(`mllmrec_ray.scoring.rank_samples_over_orders`: transformers on a CPU replica, vLLM with
+(`mllmrec_ray.ranking.scoring.rank_samples_over_orders`: transformers on a CPU replica, vLLM with
 prefix caching on a replica that holds a GPU). With `explain`, the model writes its reasoning
 greedily after the top-ranked answer and `<think>`.
 
@@ -37,9 +37,9 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from mllmrec_ray.config import EngineConfig, PipelineConfig, PromptConfig, ServeConfig
-from mllmrec_ray.prompts import render_prompt
-from mllmrec_ray.scoring import rank_samples_over_orders
-from mllmrec_ray.serve_logic import (
+from mllmrec_ray.prompting.prompts import render_prompt
+from mllmrec_ray.ranking.scoring import rank_samples_over_orders
+from mllmrec_ray.ranking.serve_logic import (
     MAX_BODY_BYTES,
     ErrorResponse,
     RecommendRequest,
@@ -100,7 +100,7 @@ class HFBackend:
     name = "transformers"
 
     def __init__(self, model: str, dtype: str, threads: int | None = None):
-        from mllmrec_ray.scoring import HFScorer
+        from mllmrec_ray.ranking.scoring import HFScorer
 
         self.scorer = HFScorer(model, dtype=dtype, threads=threads)
         self.tokenizer = self.scorer.tokenizer
@@ -129,8 +129,8 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model: str, engine_cfg: EngineConfig):
-        from mllmrec_ray.engine import Engine
-        from mllmrec_ray.scoring import VLLMScorer
+        from mllmrec_ray.runtime.engine import Engine
+        from mllmrec_ray.ranking.scoring import VLLMScorer
 
         self.engine = Engine(model, engine_cfg)
         self.scorer = VLLMScorer(self.engine)
@@ -333,7 +333,7 @@ class Ranker:
                  order_ensemble: int = 0):
         import ray
 
-        from mllmrec_ray.run_data import load_collab, load_items
+        from mllmrec_ray.data.run_data import load_collab, load_items
 
         items = load_items(data_dir, captions if prompt_cfg.with_captions else None)
         backend = make_backend(model, engine_cfg, bool(ray.get_gpu_ids()), replica_threads(serve_cfg))
@@ -418,7 +418,7 @@ def default_captions(data_dir: str | Path) -> Path | None:
 
 def build_app(cfg: PipelineConfig, model: str, data_dir: str | Path, captions: str | Path | None = None):
     """The Serve application: fits the retrieval stage here, once, and ships it to every replica."""
-    from mllmrec_ray.models import resolve_model
+    from mllmrec_ray.runtime.models import resolve_model
 
     data_dir = Path(data_dir).resolve()
     for name in ("items.parquet", "interactions.parquet", "samples.parquet"):

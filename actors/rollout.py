@@ -3,7 +3,7 @@
 Rollout actors only generate: rewards are scored on the controller (jobs/grpo.py), so reward
 terms, weights and the template can change without touching the actors. Each response carries
 the sampler's log-probs of its tokens (`sampler_logp`, temperature and top-p applied: see
-`mllmrec_ray.engine.ROLLOUT_LOGPROBS_MODE`).
+`mllmrec_ray.runtime.engine.ROLLOUT_LOGPROBS_MODE`).
 
 The caller sets resources: `RolloutActor.options(num_cpus=..., num_gpus=...).remote(...)`
 (from `GRPOConfig.rollout_resources`). Weights arrive as a LoRA adapter over the frozen base
@@ -25,7 +25,7 @@ from mllmrec_ray.config import EngineConfig, GRPOConfig, LoraConfig, from_dict
 
 @ray.remote
 class RolloutActor(WeightReceiverMixin):
-    """Holds one `mllmrec_ray.engine.Engine`.
+    """Holds one `mllmrec_ray.runtime.engine.Engine`.
 
     model: local directory or cache alias (resolved on the actor's node).
     engine: vLLM settings; grpo: group_size / temperature / top_p / new_tokens are used.
@@ -43,8 +43,8 @@ class RolloutActor(WeightReceiverMixin):
         if engine.tensor_parallel_size == 1:
             # In-process engine: ~4 s start instead of ~22 s, and no extra process per actor.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from mllmrec_ray.engine import ROLLOUT_LOGPROBS_MODE, Engine, lora_unsupported, restore_thread_budget
-        from mllmrec_ray.models import resolve_model
+        from mllmrec_ray.runtime.engine import ROLLOUT_LOGPROBS_MODE, Engine, lora_unsupported, restore_thread_budget
+        from mllmrec_ray.runtime.models import resolve_model
 
         self.grpo = grpo or GRPOConfig()
         self.think_first = think_first
@@ -146,7 +146,7 @@ class RolloutActor(WeightReceiverMixin):
         """Score mode: each request `{sample_id, prompt (text) | prompt_ids, candidates, answers}`
         (answers[i] = answer_text of candidates[i]); returns `{sample_id, scores, ranking}` per request,
         scores = summed answer-token log-probabilities, ranking = candidates best first."""
-        from mllmrec_ray.scoring import VLLMScorer, answer_ids, rank_by_scores
+        from mllmrec_ray.ranking.scoring import VLLMScorer, answer_ids, rank_by_scores
 
         scorer = VLLMScorer(self.engine)
         prompt_ids = [r.get("prompt_ids") or self.engine.encode(r["prompt"]) for r in requests]

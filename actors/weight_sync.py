@@ -22,7 +22,7 @@ init_process_group". We build a standalone torch c10d group (`ProcessGroupGloo` 
 What the learner must provide (inherit `WeightSenderMixin`):
   `export_adapter() -> {"buckets": list[bytes], "config": dict}` for `lora`: the PEFT-named A/B
   tensors and the adapter_config.json of an adapter over the base the rollout engines hold.
-  `export_weights(full: bool) -> list[bytes]`: buckets from `mllmrec_ray.weights.to_buckets`
+  `export_weights(full: bool) -> list[bytes]`: buckets from `mllmrec_ray.rl.weights.to_buckets`
   of the merged policy with Hugging Face parameter names (LoRA merged in, no `base_layer`
   names), preferably in the engine dtype (bf16 halves the bytes; the engine casts anyway).
   `full=True` sends every tensor; `full=False` may send a subset, but every vLLM fused layer

@@ -132,11 +132,11 @@ def main() -> int:
     import torch
 
     from mllmrec_ray.config import PipelineConfig, load_config
-    from mllmrec_ray.evaluation import load_split
-    from mllmrec_ray.models import resolve_model
-    from mllmrec_ray.prompts import render_prompt, sample_messages
-    from mllmrec_ray.run_data import load_collab, load_items
-    from mllmrec_ray.scoring import HFScorer, readout_tokens
+    from mllmrec_ray.ranking.evaluation import load_split
+    from mllmrec_ray.runtime.models import resolve_model
+    from mllmrec_ray.prompting.prompts import render_prompt, sample_messages
+    from mllmrec_ray.data.run_data import load_collab, load_items
+    from mllmrec_ray.ranking.scoring import HFScorer, readout_tokens
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config) if args.config else PipelineConfig()
@@ -193,8 +193,8 @@ def main() -> int:
     if args.vllm:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from mllmrec_ray.config import EngineConfig
-        from mllmrec_ray.engine import Engine
-        from mllmrec_ray.scoring import VLLMScorer
+        from mllmrec_ray.runtime.engine import Engine
+        from mllmrec_ray.ranking.scoring import VLLMScorer
 
         del scorer, model
         vscorer = VLLMScorer(Engine(model_path, EngineConfig(dtype="bfloat16", max_model_len=2048)), args.batch)

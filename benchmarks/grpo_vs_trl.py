@@ -6,7 +6,7 @@ Usage: python benchmarks/grpo_vs_trl.py --data RUN/data [--model smollm2-135m] [
 
 Both sides get the same model, the same prompt set (the first prompts-per-step x steps train
 prompts of the prepared data dir, rendered by the same prompt builder), the same reward
-(mllmrec_ray.reward.reward, adapted to TRL's reward_funcs signature), the same G, completion
+(mllmrec_ray.rl.reward.reward, adapted to TRL's reward_funcs signature), the same G, completion
 length, sampling (T=0.9, top-p 0.9), LoRA (rank/alpha/targets of LoraConfig), KL beta, clip
 epsilon and number of steps, one after the other in one run.
 
@@ -77,8 +77,8 @@ def subset_data(data_dir: Path, n: int, out: Path) -> Path:
 
 def build_prompt_rows(tokenizer, data_dir: Path) -> list[dict]:
     """The benchmark prompts, rendered as jobs/grpo.build_prompts does (no Stage I captions/reasoning)."""
-    from mllmrec_ray.prompts import render_prompt, sample_messages
-    from mllmrec_ray.run_data import load_items, load_samples
+    from mllmrec_ray.prompting.prompts import render_prompt, sample_messages
+    from mllmrec_ray.data.run_data import load_items, load_samples
 
     items = load_items(data_dir)
     rows = []
@@ -138,7 +138,7 @@ def measured_rows(values: list) -> list:
 def raw_engine_tok_s(args, model_path: str, prompts: list[dict], max_model_len: int) -> float:
     """Completion tokens/s of one in-process vLLM engine (no Ray, no LoRA) on the benchmark's steps."""
     from mllmrec_ray.config import EngineConfig
-    from mllmrec_ray.engine import Engine
+    from mllmrec_ray.runtime.engine import Engine
 
     engine = Engine(model_path, EngineConfig(dtype="bfloat16", max_model_len=max_model_len, kv_cache_gib=1.0))
     ids = [engine.encode(p["prompt"]) for p in prompts]
@@ -163,7 +163,7 @@ def bare_lora_tok_s(model_path: str, prompts: list[dict], new_tokens: int, repea
     from transformers import AutoTokenizer
 
     from mllmrec_ray.config import LoraConfig
-    from mllmrec_ray.policy import build_policy, pad_batch, token_logprobs
+    from mllmrec_ray.runtime.policy import build_policy, pad_batch, token_logprobs
 
     tok = AutoTokenizer.from_pretrained(model_path)
     model = build_policy(model_path, LoraConfig(), dtype=torch.bfloat16).eval()  # eval: the learner runs no dropout
@@ -230,7 +230,7 @@ def run_trl(args, model_path: str, prompts: list[dict], work: Path) -> dict:
     from trl import GRPOTrainer
 
     from mllmrec_ray.config import GRPOConfig, LoraConfig
-    from mllmrec_ray.reward import reward
+    from mllmrec_ray.rl.reward import reward
 
     ours, lora = GRPOConfig(), LoraConfig()
 
@@ -319,7 +319,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from mllmrec_ray.models import resolve_model
+    from mllmrec_ray.runtime.models import resolve_model
 
     model_path = resolve_model(args.model)
     n = args.prompts_per_step * args.steps

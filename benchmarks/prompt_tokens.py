@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def measure(samples, items, tokenizer, visual_per_image: int, n_candidates: int = 10) -> dict[str, list[int]]:
-    from mllmrec_ray.prompts import clean_text, render_prompt, sample_messages
+    from mllmrec_ray.prompting.prompts import clean_text, render_prompt, sample_messages
 
     def n_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -63,8 +63,8 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from mllmrec_ray.models import resolve_model
-    from mllmrec_ray.run_data import load_items, load_samples
+    from mllmrec_ray.runtime.models import resolve_model
+    from mllmrec_ray.data.run_data import load_items, load_samples
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.tokenizer))
     items = load_items(args.data, args.captions)

@@ -24,10 +24,10 @@ import time
 
 
 def make_prompts(tokenizer, data: str | None, n: int) -> list[dict]:
-    from mllmrec_ray.prompts import build_messages, render_prompt, sample_messages
+    from mllmrec_ray.prompting.prompts import build_messages, render_prompt, sample_messages
 
     if data:
-        from mllmrec_ray.run_data import load_items, load_samples
+        from mllmrec_ray.data.run_data import load_items, load_samples
 
         items = load_items(data)
         rows = load_samples(data, "train")[:n]
@@ -110,8 +110,8 @@ def main() -> None:
 
     from actors.rollout import RolloutActor
     from mllmrec_ray.config import EngineConfig, GRPOConfig
-    from mllmrec_ray.engine import Engine
-    from mllmrec_ray.models import resolve_model
+    from mllmrec_ray.runtime.engine import Engine
+    from mllmrec_ray.runtime.models import resolve_model
 
     model = resolve_model(args.model)
     engine_cfg = EngineConfig(dtype=args.dtype, kv_cache_gib=1.0)

@@ -232,8 +232,8 @@ def core_batches(model: str, data: Path, config: Path | None, sizes: list[int], 
     """Seconds per request of the replica's ranking call (no Ray, no HTTP) at each batch size."""
     from actors.ranker import RankerCore, make_backend, replica_threads
     from mllmrec_ray.config import PipelineConfig, load_config
-    from mllmrec_ray.run_data import load_collab, load_items
-    from mllmrec_ray.serve_logic import fit_retriever
+    from mllmrec_ray.data.run_data import load_collab, load_items
+    from mllmrec_ray.ranking.serve_logic import fit_retriever
 
     cfg = load_config(config) if config and config.exists() else PipelineConfig()
     threads = threads or replica_threads(cfg.serve)

@@ -29,7 +29,7 @@ DEFAULTS = {"data.seed": 0}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="prepared data dir (samples/items/interactions)")
     parser.add_argument("--model", required=True, choices=["pop", "sasrec", "random", "min-id", "collab"],
-                        help="collab = the prompt's collaborative evidence alone (mllmrec_ray.collab levels)")
+                        help="collab = the prompt's collaborative evidence alone (mllmrec_ray.data.collab levels)")
     parser.add_argument("--name", help="model name in the record (default: --model), e.g. sasrec-full")
     parser.add_argument("--train-data", choices=["windows", "full"], default="windows",
                         help="pop/sasrec fit on: windows = the training samples' windows, the data the LLM "
@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
 
     resolve(args)  # before reading anything: a bad value stops here
 
-    from mllmrec_ray.evaluation import (format_table, load_split, make_record, rankings_path, write_record,
+    from mllmrec_ray.ranking.evaluation import (format_table, load_split, make_record, rankings_path, write_record,
                                         write_rankings)
 
     data = Path(args.data)
@@ -116,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
 
         rankings = [rank_random(c, args.seed, sid) for sid, c in zip(samples["sample_id"], samples["candidates"])]
     elif args.model == "collab":
-        from mllmrec_ray.collab import fit_collab, rank_by_evidence
+        from mllmrec_ray.data.collab import fit_collab, rank_by_evidence
         from mllmrec_ray.data.windows import training_sequences
 
         try:

@@ -65,7 +65,7 @@ def _pick(samples: list[dict], n: int | None, seed: int) -> list[dict]:
 
 def leakage_report(cot_rows: list[dict], samples: dict[str, dict], items: dict[str, dict]) -> dict:
     """Exact-match leakage check over every stored CoT: target id tags / title forms and candidate id tags."""
-    from mllmrec_ray.parsing import mentions_item
+    from mllmrec_ray.prompting.parsing import mentions_item
 
     report = {"target_mentions": 0, "candidate_id_mentions": 0, "non_train_samples_with_cot": 0, "texts_checked": 0,
               "offending": []}
@@ -98,7 +98,7 @@ class CotRun:
         import pyarrow.parquet as pq
 
         from jobs.stage1_common import engine_dict, load_cfg
-        from mllmrec_ray.run_data import load_items
+        from mllmrec_ray.data.run_data import load_items
 
         self.args = args
         self.cfg = cfg = load_cfg(args)
@@ -145,7 +145,7 @@ class CotRun:
                  sanitize: bool = True) -> dict[str, dict]:
         """Run the missing rows of one step; return key -> stored row for every row finished."""
         from jobs.stage1_common import run_pool, start_ray
-        from mllmrec_ray.stage1_store import PartStore
+        from mllmrec_ray.stage1.store import PartStore
 
         store = PartStore(self.stage1 / "parts" / step)
         done = store.finished_keys()
@@ -189,8 +189,8 @@ class CotRun:
 
     def pseudo(self) -> dict[str, dict]:
         """Pseudo-CoT (Eq. 4) from the history only: sample_id -> stored row."""
-        from mllmrec_ray import cot_prompts as P
-        from mllmrec_ray.stage1_store import content_hash, row_key
+        from mllmrec_ray.stage1 import cot_prompts as P
+        from mllmrec_ray.stage1.store import content_hash, row_key
 
         s1, args, samples = self.s1, self.args, self.samples
         if not (s1.cot_source == "pseudo" or s1.refine_with_pseudo_cot):
@@ -208,8 +208,8 @@ class CotRun:
 
     def refine(self, pseudo: dict[str, dict]) -> dict[str, dict]:
         """Refinement (Eq. 5): history titles (+ captions) + masked pseudo-CoT, never the target."""
-        from mllmrec_ray import cot_prompts as P
-        from mllmrec_ray.stage1_store import content_hash, row_key
+        from mllmrec_ray.stage1 import cot_prompts as P
+        from mllmrec_ray.stage1.store import content_hash, row_key
 
         s1 = self.s1
         if s1.cot_source != "refined":
@@ -233,7 +233,7 @@ class CotRun:
         """(cot.parquet's table joined by sample_id, its rows, the leakage report)."""
         import pyarrow as pa
 
-        from mllmrec_ray import cot_prompts as P
+        from mllmrec_ray.stage1 import cot_prompts as P
 
         def col(d: dict, sid: str, name: str):
             return (d.get(sid) or {}).get(name)
@@ -277,8 +277,8 @@ class CotRun:
         """Judge (Appendix D) on a seeded sample of each source; the audit's `judge` block."""
         import numpy as np
 
-        from mllmrec_ray import cot_prompts as P
-        from mllmrec_ray.stage1_store import content_hash, row_key
+        from mllmrec_ray.stage1 import cot_prompts as P
+        from mllmrec_ray.stage1.store import content_hash, row_key
 
         args = self.args
         judge = {"samples_per_source": args.judge_samples}

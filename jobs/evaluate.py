@@ -5,7 +5,7 @@ Usage: mllmrec eval --data DIR --model PATH_OR_ALIAS [--name NAME] [--split test
                     [--max-samples N] [--out FILE]
 
 score:    rank every candidate by the model's log-likelihood of its answer line
-          (mllmrec_ray.scoring); every sample gets a full ranking.
+          (mllmrec_ray.ranking.scoring); every sample gets a full ranking.
 generate: ask for a top-K list (K = 5 for 10 candidates, 10 for 100), parse it strictly;
           a sample with no valid item is a miss (valid_ratio in the record).
 The record goes to --out, by default `<run>/eval/<name>.json` when DIR is `<run>/data`.
@@ -63,7 +63,7 @@ def eval_settings(args: argparse.Namespace, data: Path) -> tuple:
     """(readout, order shuffles, order ensemble, collab evidence or None): the flags, else the config's
     eval.* and prompt.collab when --config is given, else answer readout, no shuffles, no evidence."""
     from mllmrec_ray.config import load_config
-    from mllmrec_ray.run_data import load_collab
+    from mllmrec_ray.data.run_data import load_collab
 
     cfg = load_config(args.config, getattr(args, "set", None))  # --set: added by jobs.cli
     readout = args.readout or (cfg.eval.readout if args.config else "answer")
@@ -86,18 +86,18 @@ def backends(args: argparse.Namespace, model_path: str) -> tuple:
     engine = scorer = tokenizer = None
     if args.mode == "generate" or args.scorer == "vllm":
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: faster start
-        from mllmrec_ray.engine import Engine
+        from mllmrec_ray.runtime.engine import Engine
 
         # 100-candidate prompts with captions run to a few thousand tokens.
         engine = Engine(model_path, EngineConfig(dtype=args.dtype, seed=args.seed, max_model_len=4096))
         tokenizer = engine.tokenizer
     if args.mode == "score" or args.votes:
         if args.scorer == "vllm":
-            from mllmrec_ray.scoring import VLLMScorer
+            from mllmrec_ray.ranking.scoring import VLLMScorer
 
             scorer = VLLMScorer(engine, prompts_per_batch=args.batch)
         else:
-            from mllmrec_ray.scoring import HFScorer
+            from mllmrec_ray.ranking.scoring import HFScorer
 
             scorer = HFScorer(model_path, dtype=args.dtype, adapter=args.weights == "adapter", batch=args.batch)
             tokenizer = scorer.tokenizer
@@ -107,13 +107,13 @@ def backends(args: argparse.Namespace, model_path: str) -> tuple:
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from mllmrec_ray.evaluation import (format_table, load_split, make_record, rankings_path, write_rankings,
+    from mllmrec_ray.ranking.evaluation import (format_table, load_split, make_record, rankings_path, write_rankings,
                                         write_record)
-    from mllmrec_ray.models import resolve_model
-    from mllmrec_ray.parsing import parse_answer, parse_ranking
-    from mllmrec_ray.prompts import render_prompt, sample_messages
-    from mllmrec_ray.run_data import load_items
-    from mllmrec_ray.scoring import rank_samples, rank_samples_over_orders, ranking_messages, vote_ranking
+    from mllmrec_ray.runtime.models import resolve_model
+    from mllmrec_ray.prompting.parsing import parse_answer, parse_ranking
+    from mllmrec_ray.prompting.prompts import render_prompt, sample_messages
+    from mllmrec_ray.data.run_data import load_items
+    from mllmrec_ray.ranking.scoring import rank_samples, rank_samples_over_orders, ranking_messages, vote_ranking
 
     data = Path(args.data)
     name = args.name or Path(args.model.rstrip("/")).name
@@ -213,8 +213,8 @@ def order_sensitivity(scorer, tokenizer, rows: list[dict], messages_of, titles: 
     """
     import random
 
-    from mllmrec_ray.evaluation import evaluate_rankings
-    from mllmrec_ray.scoring import rank_samples
+    from mllmrec_ray.ranking.evaluation import evaluate_rankings
+    from mllmrec_ray.ranking.scoring import rank_samples
 
     targets = [r["target"] for r in rows]
     base = rank_samples(scorer, tokenizer, rows, messages_of, titles, readout)[0]

@@ -28,8 +28,8 @@ FAULT_ENV = "MLLMREC_FAULT_KILL_ROLLOUT_AT_STEP"
 
 def build_prompts(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, tokenizer) -> list[dict]:
     """Rendered GRPO prompts of the train split, with MDA-selected reasoning where present."""
-    from mllmrec_ray.prompts import render_prompt, sample_messages
-    from mllmrec_ray.run_data import load_collab, load_items, load_reasoning, load_samples, pick_samples
+    from mllmrec_ray.prompting.prompts import render_prompt, sample_messages
+    from mllmrec_ray.data.run_data import load_collab, load_items, load_reasoning, load_samples, pick_samples
 
     items = load_items(data_dir, stage1_dir / "captions.parquet" if cfg.prompt.with_captions else None)
     collab = load_collab(data_dir, cfg.prompt)
@@ -158,12 +158,12 @@ class Controller:
                             use_gpu=self.g.rollout_resources.num_gpus > 0)
 
     def score_groups(self, groups: list[dict]) -> dict:
-        """Score every response on the controller with the named reward terms (mllmrec_ray.reward).
+        """Score every response on the controller with the named reward terms (mllmrec_ray.rl.reward).
 
         Adds `reward` (weighted total), `terms`, `well_formed`, `hit` to each response dict and
         returns per-step reward metrics: `reward/<term>` (unweighted term means), think rate/length.
         """
-        from mllmrec_ray.reward import reward_terms, think_text, weighted_reward
+        from mllmrec_ray.rl.reward import reward_terms, think_text, weighted_reward
 
         rcfg, think_first = self.g.reward, self.cfg.prompt.think_first
         weights = rcfg.weights()
@@ -261,7 +261,7 @@ class Controller:
         """
         import torch
 
-        from mllmrec_ray.grpo import group_advantages, kept_groups, zero_variance_groups
+        from mllmrec_ray.rl.grpo import group_advantages, kept_groups, zero_variance_groups
 
         g = self.g
         groups, keep, speeds, need, rounds = [], [], [], g.prompts_per_step, 0
@@ -288,7 +288,7 @@ class Controller:
     def run(self, resume: bool = False) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
-        from mllmrec_ray.grpo import logprob_gap
+        from mllmrec_ray.rl.grpo import logprob_gap
 
         g = self.g
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -388,7 +388,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from jobs.common import CommandError, init_ray, stage_config
-    from mllmrec_ray.models import resolve_model
+    from mllmrec_ray.runtime.models import resolve_model
 
     # --config, --set, then these flags, each validated like a YAML value
     cfg = stage_config(args, {flag: f"grpo.{flag}" for flag in ("steps", "rollout_actors", "group_size",

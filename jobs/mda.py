@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
 
     from mllmrec_ray.config import load_config
     from mllmrec_ray.io import atomic_write_json, atomic_write_parquet
-    from mllmrec_ray.mda import Embedder, score_samples, top_fraction
+    from mllmrec_ray.stage1.mda import Embedder, score_samples, top_fraction
 
     cfg = load_config(args.config, getattr(args, "set", None))  # --set: added by jobs.cli
     s1 = cfg.stage1

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mllmrec_ray.models import fetch_model, resolve_model
+    from mllmrec_ray.runtime.models import fetch_model, resolve_model
 
     if args.action == "fetch":
         print(fetch_model(args.name, args.cache_dir, force=args.force))

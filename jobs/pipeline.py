@@ -32,7 +32,7 @@ from pathlib import Path
 from mllmrec_ray.config import ConfigError, PipelineConfig, load_config, to_dict
 from mllmrec_ray.io import atomic_write_json, atomic_write_text
 
-# the marker a merged model dir gets last (mllmrec_ray.policy.MERGED_MARKER; kept import-free here)
+# the marker a merged model dir gets last (mllmrec_ray.runtime.policy.MERGED_MARKER; kept import-free here)
 SFT_DONE = "mllmrec_complete.json"
 
 

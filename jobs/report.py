@@ -13,9 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from mllmrec_ray.evaluation import check_rankings, format_table, load_split, rankings_path, read_rankings
+from mllmrec_ray.ranking.evaluation import check_rankings, format_table, load_split, rankings_path, read_rankings
 from mllmrec_ray.io import atomic_write_json, atomic_write_text
-from mllmrec_ray.metrics import paired_bootstrap_diff
+from mllmrec_ray.ranking.metrics import paired_bootstrap_diff
 
 # Order of the results table: LLM stages first, then the classic baselines, then trivial rankers.
 MODEL_ORDER = ["base", "sft", "grpo", "pop", "sasrec", "sasrec-full", "collab", "min-id", "random"]

@@ -215,7 +215,7 @@ def train_steps(engine, examples: list[dict], pad_id: int, sft, *, rank: int = 0
     """
     import torch
 
-    from mllmrec_ray.sft_data import collate, completion_loss
+    from mllmrec_ray.prompting.sft_data import collate, completion_loss
 
     # Every rank runs the same number of micro-batches (gradients are all-reduced in lockstep).
     per_rank = len(examples) // world
@@ -304,7 +304,7 @@ def train_loop(config: dict) -> None:
     import torch
 
     from mllmrec_ray.config import LoraConfig, SFTConfig, from_dict
-    from mllmrec_ray.policy import build_policy, deepspeed_engine, load_tokenizer, save_merged
+    from mllmrec_ray.runtime.policy import build_policy, deepspeed_engine, load_tokenizer, save_merged
 
     # Ray Train tees a patched print() into its logger too (every line twice) and logs each
     # report at INFO: print to the raw stdout (forwarded once) and keep only Train's warnings.
@@ -390,10 +390,10 @@ def main(args: argparse.Namespace) -> int:
 
     from jobs.common import CommandError, stage_config
     from mllmrec_ray.config import to_dict
-    from mllmrec_ray.models import resolve_model
-    from mllmrec_ray.policy import MERGED_MARKER, is_complete, load_tokenizer
-    from mllmrec_ray.run_data import load_collab, load_items, load_reasoning, load_samples, pick_samples
-    from mllmrec_ray.sft_data import sft_texts, tokenize_example
+    from mllmrec_ray.runtime.models import resolve_model
+    from mllmrec_ray.runtime.policy import MERGED_MARKER, is_complete, load_tokenizer
+    from mllmrec_ray.data.run_data import load_collab, load_items, load_reasoning, load_samples, pick_samples
+    from mllmrec_ray.prompting.sft_data import sft_texts, tokenize_example
 
     cfg = stage_config(args, FLAGS)  # --config, --set, then the flags above, all validated
     sft = cfg.sft

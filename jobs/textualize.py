@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def caption_rows(items: list[dict], captioner: str, model: str, version: str) -> list[dict]:
     """One input row per item with a readable image path, keyed by (item, image bytes [+ title], model, version)."""
-    from mllmrec_ray.stage1_store import file_hash, row_key
+    from mllmrec_ray.stage1.store import file_hash, row_key
 
     rows = []
     for it in items:
@@ -46,10 +46,10 @@ def main(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from jobs.stage1_common import engine_dict, load_cfg, run_pool, start_ray
-    from mllmrec_ray import captions as pixel
-    from mllmrec_ray.cot_prompts import CAPTION_VERSION
+    from mllmrec_ray.stage1 import captions as pixel
+    from mllmrec_ray.stage1.cot_prompts import CAPTION_VERSION
     from mllmrec_ray.io import atomic_write_json, atomic_write_parquet
-    from mllmrec_ray.stage1_store import PartStore
+    from mllmrec_ray.stage1.store import PartStore
 
     cfg = load_cfg(args)
     s1 = cfg.stage1

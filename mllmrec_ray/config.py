@@ -155,7 +155,7 @@ class PromptConfig:
     with_captions: history lines carry the item's Stage I caption.
     think_first: the answer grammar (`<think>` before or after the answer line).
     collab: per candidate, collaborative evidence from training users' windows (popularity and
-        follows-your-recent-items levels, `mllmrec_ray.collab`); collab_window / collab_recent /
+        follows-your-recent-items levels, `mllmrec_ray.data.collab`); collab_window / collab_recent /
         collab_levels shape it.
     """
 
@@ -201,7 +201,7 @@ class SFTConfig:
 
 @dataclass(config=_PYDANTIC)
 class RewardTermsConfig:
-    """GRPO reward as named terms (mllmrec_ray.reward): total = format * R_fmt + hit * 1[hit].
+    """GRPO reward as named terms (mllmrec_ray.rl.reward): total = format * R_fmt + hit * 1[hit].
 
     format / hit: per-term weights (1 and 1 = the paper's Eq. 8: -1 / 0.3 / 1.3).
     require_think: only the paper's full template `[ITEM_<id>] <title> <think>...</think>`

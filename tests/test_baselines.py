@@ -10,9 +10,9 @@ import torch
 from mllmrec_ray.baselines.popularity import fit_popularity, rank_by_popularity
 from mllmrec_ray.baselines.sasrec import fit_sasrec
 from mllmrec_ray.baselines.trivial import rank_min_id, rank_random
-from mllmrec_ray.evaluation import check_rankings, load_split, rankings_path, read_rankings
+from mllmrec_ray.ranking.evaluation import check_rankings, load_split, rankings_path, read_rankings
 from mllmrec_ray.io import atomic_write_json, atomic_write_parquet
-from mllmrec_ray.metrics import per_sample
+from mllmrec_ray.ranking.metrics import per_sample
 
 N_ITEMS = 30
 ITEMS = [f"i{k}" for k in range(N_ITEMS)]

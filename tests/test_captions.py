@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllmrec_ray import captions
+from mllmrec_ray.stage1 import captions
 from stage1_fixtures import make_image
 
 

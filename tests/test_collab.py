@@ -4,12 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mllmrec_ray.collab import fit_collab, rank_by_evidence
+from mllmrec_ray.data.collab import fit_collab, rank_by_evidence
 from mllmrec_ray.config import PromptConfig
 from mllmrec_ray.data.protocol import build_samples
 from mllmrec_ray.data.windows import training_sequences
-from mllmrec_ray.prompts import COLLAB_LEGEND, sample_messages
-from mllmrec_ray.run_data import load_collab
+from mllmrec_ray.prompting.prompts import COLLAB_LEGEND, sample_messages
+from mllmrec_ray.data.run_data import load_collab
 
 CATALOGUE = [str(i) for i in range(1, 9)]
 
@@ -112,7 +112,7 @@ def test_unknown_item_in_a_window_is_named():
 
 def test_served_prompt_equals_the_evaluated_prompt():
     """Serving builds the same prompt (evidence included) as evaluation for the same history and candidates."""
-    from mllmrec_ray.serve_logic import prompt_messages
+    from mllmrec_ray.ranking.serve_logic import prompt_messages
 
     items, _, samples = _protocol()
     st = fit_collab(training_sequences(samples.to_dict("records")), items["item_id"].tolist())

@@ -192,7 +192,7 @@ def test_kv_cache_size_is_explicit_on_cpu_and_independent_of_process_memory():
     import torch
 
     from mllmrec_ray.config import EngineConfig
-    from mllmrec_ray.engine import kv_cache_bytes
+    from mllmrec_ray.runtime.engine import kv_cache_bytes
 
     assert kv_cache_bytes(EngineConfig(kv_cache_gib=0.5)) == 2**29
     with pytest.raises(ValueError, match="kv_cache_gib"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from actors.cot_generator import OpenAIGenerator
-from mllmrec_ray.cot_prompts import JUDGE_DIMENSIONS
+from mllmrec_ray.stage1.cot_prompts import JUDGE_DIMENSIONS
 
 GOOD_JUDGE = json.dumps({d: {"score": 4, "evidence": "It says warm colours."} for d in JUDGE_DIMENSIONS})
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mllmrec_ray import cot_prompts as P
+from mllmrec_ray.stage1 import cot_prompts as P
 
 HISTORY = [
     {"title": "Toy Story", "year": 1995, "caption": "Bright cover, blue (30%).", "image_path": "/x/1.jpg"},
@@ -124,7 +124,7 @@ def test_judge_prompt_and_schema():
     ("<think>target is Heat</think>Step 4: a tense crime film.", "12", "Heat", ["12"], "Step 4", 0),
 ])
 def test_sanitize_generation_masks_target_and_candidates(text, target, title, cands, clean_has, n_min):
-    from mllmrec_ray.parsing import mentions_item
+    from mllmrec_ray.prompting.parsing import mentions_item
 
     clean, n, dropped = P.sanitize_generation(text, target, title, cands)
     assert not dropped and clean_has in clean and n >= n_min

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.cot_generator import store_generations
-from mllmrec_ray.stage1_store import PartStore, content_hash, row_key
+from mllmrec_ray.stage1.store import PartStore, content_hash, row_key
 
 
 def test_row_key_changes_with_every_part():

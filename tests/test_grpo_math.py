@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mllmrec_ray.grpo import group_advantages, grpo_loss, k3_kl, masked_mean
+from mllmrec_ray.rl.grpo import group_advantages, grpo_loss, k3_kl, masked_mean
 
 LN = math.log
 
@@ -128,7 +128,7 @@ def test_token_weights_scale_only_the_policy_term():
 
 
 def test_tis_weights_by_hand():
-    from mllmrec_ray.grpo import tis_weights
+    from mllmrec_ray.rl.grpo import tis_weights
 
     learner = torch.tensor([[-1.0, -2.0, -0.5, 7.0]])
     sampler = torch.tensor([[-1.0, -1.0, -2.0, float("nan")]])
@@ -142,7 +142,7 @@ def test_tis_weights_by_hand():
 
 
 def test_logprob_gap_and_zero_variance_groups():
-    from mllmrec_ray.grpo import logprob_gap, zero_variance_groups
+    from mllmrec_ray.rl.grpo import logprob_gap, zero_variance_groups
 
     learner = [[-1.0, -2.0], [-0.5, -0.25, -3.0]]
     sampler = [[-1.1, -1.8], [-0.5, float("nan"), None]]
@@ -156,7 +156,7 @@ def test_logprob_gap_and_zero_variance_groups():
 
 
 def test_dynamic_sampling_skip_drops_zero_variance_groups():
-    from mllmrec_ray.grpo import kept_groups, zero_variance_groups
+    from mllmrec_ray.rl.grpo import kept_groups, zero_variance_groups
 
     zv = zero_variance_groups(torch.tensor([[1.3, 1.3], [0.3, 1.3], [-1.0, -1.0], [0.3, -1.0]]))
     assert kept_groups(zv, "none") == [0, 1, 2, 3]

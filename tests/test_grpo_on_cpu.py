@@ -75,7 +75,7 @@ def _metrics(run: Path) -> list[dict]:
 
 def test_grpo_steps_sync_and_survive_a_killed_rollout_actor(ray_cluster, tiny_llama, tmp_path, monkeypatch):
     from jobs.grpo import FAULT_ENV, run_grpo
-    from mllmrec_ray.policy import is_complete
+    from mllmrec_ray.runtime.policy import is_complete
 
     data = make_data_dir(tmp_path)
     cfg = tiny_config(steps=3)

@@ -58,3 +58,14 @@ def test_no_function_over_100_lines():
                     if n > 100:
                         long.append(f"{p.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, "\n".join(long)
+
+
+def test_readme_layout_names_every_core_package_and_top_level_folder():
+    readme = (REPO / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):].split("```")[1]
+    core = sorted(p.name for p in (REPO / "mllmrec_ray").iterdir()
+                  if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py" and p.name != "__init__.py"))
+    missing = [name for name in core if f"  {name.removesuffix('.py')}" not in layout]
+    missing += [d for d in ("mllmrec_ray", "actors", "jobs", "configs", "cluster", "benchmarks", "tests", "docs")
+                if f"{d}/" not in layout]
+    assert not missing, f"README layout misses {missing}"

@@ -8,9 +8,9 @@ import ray
 import torch
 
 from mllmrec_ray.config import GRPOConfig, LoraConfig
-from mllmrec_ray.grpo import grpo_loss
-from mllmrec_ray.policy import is_complete, pad_batch, token_logprobs
-from mllmrec_ray.weights import from_bucket
+from mllmrec_ray.rl.grpo import grpo_loss
+from mllmrec_ray.runtime.policy import is_complete, pad_batch, token_logprobs
+from mllmrec_ray.rl.weights import from_bucket
 from tiny_models import make_tiny_model
 
 PROMPT = [3, 4, 5, 6, 7, 8]

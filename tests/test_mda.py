@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mllmrec_ray.mda import Embedder, item_text, profile_of, score_samples, sigmoid, top_fraction
+from mllmrec_ray.stage1.mda import Embedder, item_text, profile_of, score_samples, sigmoid, top_fraction
 
 
 def test_top_fraction_counts_and_order():

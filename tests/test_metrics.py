@@ -6,10 +6,10 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from mllmrec_ray.evaluation import (evaluate_rankings, format_table, load_split, make_record,
+from mllmrec_ray.ranking.evaluation import (evaluate_rankings, format_table, load_split, make_record,
                                     write_record)
 from mllmrec_ray.io import atomic_write_parquet
-from mllmrec_ray.metrics import bootstrap_ci, compute_metrics, ks_for, per_sample, target_rank
+from mllmrec_ray.ranking.metrics import bootstrap_ci, compute_metrics, ks_for, per_sample, target_rank
 
 
 def test_hand_computed_cases():

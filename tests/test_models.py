@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mllmrec_ray import models
-from mllmrec_ray.models import convert_gguf, fetch_model, model_dir, resolve_model
+from mllmrec_ray.runtime import models
+from mllmrec_ray.runtime.models import convert_gguf, fetch_model, model_dir, resolve_model
 
 
 def test_resolve_model(tmp_path, monkeypatch):
@@ -131,7 +131,7 @@ def test_real_smollm2_cache():
 
 def test_resolve_model_makes_a_relative_dir_absolute(tmp_path, monkeypatch):
     """Actors of a submitted job run in the job's working_dir: a relative model dir must not reach them."""
-    from mllmrec_ray.models import resolve_model
+    from mllmrec_ray.runtime.models import resolve_model
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "m").mkdir(parents=True)

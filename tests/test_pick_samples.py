@@ -1,6 +1,6 @@
 """Training subsets: CoT samples first, GRPO kept off SFT's windows while unseen ones remain."""
 
-from mllmrec_ray.run_data import pick_samples
+from mllmrec_ray.data.run_data import pick_samples
 
 
 def _samples(n):

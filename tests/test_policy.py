@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mllmrec_ray.config import LoraConfig
-from mllmrec_ray.policy import (build_policy, group_logprobs, is_complete, load_tokenizer, merged_lora_state, pad_batch,
+from mllmrec_ray.runtime.policy import (build_policy, group_logprobs, is_complete, load_tokenizer, merged_lora_state, pad_batch,
                                 save_merged, token_logprobs)
 from tiny_models import make_tiny_model
 

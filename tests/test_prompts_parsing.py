@@ -7,8 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from mllmrec_ray.parsing import mentions_item, parse_answer, parse_ranking, sanitize_cot
-from mllmrec_ray.prompts import (
+from mllmrec_ray.prompting.parsing import mentions_item, parse_answer, parse_ranking, sanitize_cot
+from mllmrec_ray.prompting.prompts import (
     answer_text,
     build_messages,
     clean_text,

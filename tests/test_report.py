@@ -6,9 +6,9 @@ import pytest
 
 from jobs.report import PAIRED_TITLE, collect_results, read_metrics, write_report
 from mllmrec_ray.baselines.trivial import rank_min_id, rank_random
-from mllmrec_ray.evaluation import make_record, rankings_path, read_rankings, write_rankings, write_record
+from mllmrec_ray.ranking.evaluation import make_record, rankings_path, read_rankings, write_rankings, write_record
 from mllmrec_ray.io import atomic_write_parquet
-from mllmrec_ray.metrics import paired_bootstrap_diff, per_sample
+from mllmrec_ray.ranking.metrics import paired_bootstrap_diff, per_sample
 
 
 def _record(model, hr3):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from mllmrec_ray.parsing import ParsedAnswer, parse_answer
-from mllmrec_ray.prompts import answer_text
-from mllmrec_ray.reward import RewardConfig, format_reward, hit_reward, reward, score
+from mllmrec_ray.prompting.parsing import ParsedAnswer, parse_answer
+from mllmrec_ray.prompting.prompts import answer_text
+from mllmrec_ray.rl.reward import RewardConfig, format_reward, hit_reward, reward, reward_and_parse
 
 CANDS = ["5", "3", "9", "12"]
 TARGET = "9"
@@ -50,12 +50,12 @@ def test_components_and_config():
     assert reward("[ITEM_5] Movie 5", TARGET, CANDS, config=cfg) == pytest.approx(0.1)
     assert reward("nope", TARGET, CANDS, config=cfg) == pytest.approx(-0.5)
 
-    r, parsed = score("[ITEM_9] Movie 9\n<think>t</think>", TARGET, CANDS)
+    r, parsed = reward_and_parse("[ITEM_9] Movie 9\n<think>t</think>", TARGET, CANDS)
     assert r == pytest.approx(1.3) and parsed.item_id == "9" and parsed.think == "t"
 
 
 def test_reward_terms_by_name_and_weights():
-    from mllmrec_ray.reward import REWARD_TERMS, reward_terms, weighted_reward
+    from mllmrec_ray.rl.reward import REWARD_TERMS, reward_terms, weighted_reward
 
     terms, parsed = reward_terms("[ITEM_9] Movie 9", TARGET, CANDS)
     assert tuple(terms) == REWARD_TERMS and terms == {"format": 0.3, "hit": 1.0} and parsed.item_id == "9"
@@ -87,7 +87,7 @@ def test_reward_terms_by_name_and_weights():
     ],
 )
 def test_require_think_rewards_exactly_the_template(text, think_first, expected):
-    from mllmrec_ray.reward import reward_terms, weighted_reward
+    from mllmrec_ray.rl.reward import reward_terms, weighted_reward
 
     terms, parsed = reward_terms(text, TARGET, CANDS, think_first=think_first, require_think=True)
     assert weighted_reward(terms, {"format": 1.0, "hit": 1.0}) == pytest.approx(expected)
@@ -99,7 +99,7 @@ def test_require_think_rewards_exactly_the_template(text, think_first, expected)
 
 
 def test_think_text():
-    from mllmrec_ray.reward import think_text
+    from mllmrec_ray.rl.reward import think_text
 
     assert think_text("[ITEM_9] Movie 9 <think> a b </think>") == "a b"
     assert think_text("[ITEM_9] Movie 9 <think>open") is None and think_text("") is None

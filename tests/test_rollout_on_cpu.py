@@ -14,7 +14,7 @@ import torch
 from actors.rollout import RolloutActor
 from actors.weight_sync import WeightSenderMixin, sync_weights
 from mllmrec_ray.config import EngineConfig, GRPOConfig
-from mllmrec_ray.weights import to_buckets
+from mllmrec_ray.rl.weights import to_buckets
 
 PROMPT = "<|im_start|>user\nCandidates: [ITEM_7] Heat [ITEM_42] Star Wars<|im_end|>\n<|im_start|>assistant\n"
 NEW_TOKENS = 12
@@ -105,8 +105,8 @@ def test_generate_groups_with_sampler_logprobs(cluster, tiny_llama):
     # log-probs, which the learner's temperature-scaled log-probs must match (bf16 engine, top_p 1).
     from transformers import AutoModelForCausalLM
 
-    from mllmrec_ray.grpo import logprob_gap
-    from mllmrec_ray.policy import pad_batch, token_logprobs
+    from mllmrec_ray.rl.grpo import logprob_gap
+    from mllmrec_ray.runtime.policy import pad_batch, token_logprobs
 
     temperature = 0.5
     sampling = GRPOConfig(group_size=4, temperature=temperature, top_p=1.0, max_new_tokens=8)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mllmrec_ray.prompts import answer_text, build_messages, render_prompt
-from mllmrec_ray.scoring import HFScorer, VLLMScorer, answer_ids, rank_by_scores, ranking_messages
+from mllmrec_ray.prompting.prompts import answer_text, build_messages, render_prompt
+from mllmrec_ray.ranking.scoring import HFScorer, VLLMScorer, answer_ids, rank_by_scores, ranking_messages
 
 
 def _naive(model, prompt: list[int], answers: list[list[int]]) -> list[float]:
@@ -48,7 +48,7 @@ def test_hf_scorer_matches_naive(tiny_llama, case, batch):
 
 def test_vllm_scorer_matches_naive(tiny_llama, case):
     from mllmrec_ray.config import EngineConfig
-    from mllmrec_ray.engine import Engine
+    from mllmrec_ray.runtime.engine import Engine
 
     engine = Engine(str(tiny_llama), EngineConfig(dtype="float32", max_model_len=512, kv_cache_gib=0.25))
     prompts, answers, expected = case
@@ -84,7 +84,7 @@ def test_id_and_calibrated_readouts_equal_a_hand_computation(tiny_llama):
     """id = log p(<id>] | prompt + "[ITEM_"); calibrated = that minus the same under the history-free prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mllmrec_ray.scoring import rank_samples, readout_tokens
+    from mllmrec_ray.ranking.scoring import rank_samples, readout_tokens
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
@@ -124,7 +124,7 @@ def test_id_and_calibrated_readouts_equal_a_hand_computation(tiny_llama):
 
 
 def test_vote_ranking_counts_votes_then_scores():
-    from mllmrec_ray.scoring import vote_ranking
+    from mllmrec_ray.ranking.scoring import vote_ranking
 
     cands = ["1", "2", "3", "4"]
     # 3 votes for "3", 1 for "2", an invalid answer and a non-candidate vote for nothing

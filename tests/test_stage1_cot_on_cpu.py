@@ -11,7 +11,7 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from mllmrec_ray.parsing import mentions_item
+from mllmrec_ray.prompting.parsing import mentions_item
 from stage1_fixtures import TITLES, long_context, make_data_dir, mllmrec
 from test_cot_openai_refiner import GOOD_JUDGE, FakeOpenAI
 

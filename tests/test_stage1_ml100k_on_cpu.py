@@ -15,7 +15,7 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from mllmrec_ray.parsing import mentions_item
+from mllmrec_ray.prompting.parsing import mentions_item
 from stage1_fixtures import long_context, mllmrec
 from test_cot_openai_refiner import FakeOpenAI
 
@@ -48,8 +48,8 @@ def ml100k(tmp_path_factory, posters_dir):
 def test_no_target_reaches_any_cot_or_test_prompt(ml100k, tmp_path):
     from tiny_models import make_tiny_model
 
-    from mllmrec_ray.prompts import sample_messages
-    from mllmrec_ray.run_data import load_items, load_reasoning, load_samples
+    from mllmrec_ray.prompting.prompts import sample_messages
+    from mllmrec_ray.data.run_data import load_items, load_reasoning, load_samples
 
     data, stage1 = ml100k, tmp_path / "stage1"
     cfg = tmp_path / "c.yaml"

@@ -17,7 +17,7 @@ import torch
 
 from actors.weight_sync import resolve_transport, sync_weights
 from mllmrec_ray.config import EngineConfig, GRPOConfig, LoraConfig
-from mllmrec_ray.weights import from_bucket
+from mllmrec_ray.rl.weights import from_bucket
 from tiny_models import make_tiny_model
 
 PROMPT = "<|im_start|>user\nCandidates: [ITEM_7] Heat [ITEM_42] Star Wars [ITEM_99] Fargo<|im_end|>\n" \
@@ -184,9 +184,9 @@ def test_one_adapter_lora_ops_equal_vllms_own(tiny):
     both should agree to rounding: prompt log-probs of sequences of mixed lengths, and sampled tokens."""
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    from mllmrec_ray.engine import Engine
-    from mllmrec_ray.policy import adapter_config, adapter_state, build_policy
-    from mllmrec_ray.weights import to_buckets
+    from mllmrec_ray.runtime.engine import Engine
+    from mllmrec_ray.runtime.policy import adapter_config, adapter_state, build_policy
+    from mllmrec_ray.rl.weights import to_buckets
 
     lora = LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=ATTENTION, layers=[1])
     engine = Engine(tiny, EngineConfig(dtype="float32", max_model_len=512, kv_cache_gib=0.25), lora_rank=8,
@@ -234,7 +234,7 @@ def test_one_adapter_lora_ops_equal_vllms_own(tiny):
 
 
 def test_lora_support_decides_the_transport(tiny):
-    from mllmrec_ray.engine import lora_rank_slot, lora_unsupported
+    from mllmrec_ray.runtime.engine import lora_rank_slot, lora_unsupported
 
     assert [lora_rank_slot(r) for r in (1, 8, 9, 16, 200, 512, 513)] == [1, 8, 16, 16, 256, 512, None]
     assert lora_unsupported(tiny, 16) is None  # LlamaForCausalLM: vLLM serves adapters over it

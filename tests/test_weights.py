@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mllmrec_ray.weights import from_bucket, to_buckets
+from mllmrec_ray.rl.weights import from_bucket, to_buckets
 
 
 def _tensors():

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mllmrec_ray.metrics import per_sample
+from mllmrec_ray.ranking.metrics import per_sample
 
 
 class SASRec(nn.Module):

@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from mllmrec_ray.prompts import answer_text, build_messages
+from mllmrec_ray.prompting.prompts import answer_text, build_messages
 
 MAX_BODY_BYTES = 64 * 1024  # a 50-item history + 100 candidates is ~2 KB of JSON
 MAX_CANDIDATES = 100
@@ -270,7 +270,7 @@ def fit_retriever(name: str, data_dir, seed: int = 0, sasrec_max_seconds: float 
         return Retriever("pop", order=popularity_order(fit_popularity(interactions, train_users), item_ids))
     if name == "sasrec":
         from mllmrec_ray.baselines.sasrec import fit_sasrec
-        from mllmrec_ray.evaluation import load_split
+        from mllmrec_ray.ranking.evaluation import load_split
 
         train = interactions[interactions["user_id"].isin(train_users)].sort_values("timestamp", kind="stable")
         sequences = train.groupby("user_id", sort=True)["item_id"].apply(list).tolist()

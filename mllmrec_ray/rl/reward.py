@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from mllmrec_ray.parsing import ParsedAnswer, parse_answer
+from mllmrec_ray.prompting.parsing import ParsedAnswer, parse_answer
 
 REWARD_TERMS = ("format", "hit")
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
@@ -41,7 +41,7 @@ def hit_reward(parsed: ParsedAnswer, target: str, config: RewardConfig = DEFAULT
     return config.hit if parsed.well_formed and parsed.item_id == str(target) else 0.0
 
 
-def score(
+def reward_and_parse(
     text: str,
     target: str,
     candidates: Sequence[str],
@@ -61,7 +61,7 @@ def reward(
     config: RewardConfig = DEFAULT_REWARD,
 ) -> float:
     """R = format reward + hit reward for one response."""
-    return score(text, target, candidates, think_first, config)[0]
+    return reward_and_parse(text, target, candidates, think_first, config)[0]
 
 
 def apply_require_think(parsed: ParsedAnswer, require_think: bool) -> ParsedAnswer:

@@ -201,7 +201,7 @@ def pixel_caption(image) -> str:
 
 def clean_vlm_caption(text: str, title: str | None, max_chars: int = 600) -> str | None:
     """One-line caption with the item's title forms replaced by "the film" (Eq. 3: no title repeat)."""
-    from mllmrec_ray.parsing import MASK, sanitize_cot
+    from mllmrec_ray.prompting.parsing import MASK, sanitize_cot
 
     out = " ".join((text or "").split())
     if title:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from mllmrec_ray.prompts import render_prompt, sample_messages, sft_target
+from mllmrec_ray.prompting.prompts import render_prompt, sample_messages, sft_target
 
 IGNORE = -100  # label value the loss skips (PyTorch cross-entropy's ignore_index)
 

@@ -78,7 +78,7 @@ def build_messages(
     The system message is the role statement (i); the user message holds (ii) the recently
     watched list, (iii) the candidate list, (iv) the reference reasoning when given and
     (v) the output constraint. No argument carries the target, so no prompt can reveal it.
-    evidence: one collaborative-evidence text per candidate (`mllmrec_ray.collab`), appended to its line.
+    evidence: one collaborative-evidence text per candidate (`mllmrec_ray.data.collab`), appended to its line.
     """
     lines = ["The user recently watched these items (oldest first):"]
     for n, it in enumerate(history, 1):
@@ -136,7 +136,7 @@ def sample_messages(
 ) -> list[dict]:
     """Messages for a samples.parquet row. Never reads ``sample["target"]`` (leak-proof by construction).
 
-    collab: `mllmrec_ray.collab.CollabStats` adds evidence per candidate (the sample's own user
+    collab: `mllmrec_ray.data.collab.CollabStats` adds evidence per candidate (the sample's own user
         left out of the statistics). without_history: the same prompt with an empty history
         (the reference prompt of the calibrated readout).
     """

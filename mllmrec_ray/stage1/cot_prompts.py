@@ -16,7 +16,7 @@ import json
 import re
 from typing import Any, Mapping, Sequence
 
-from mllmrec_ray.prompts import UNTITLED, clean_text
+from mllmrec_ray.prompting.prompts import UNTITLED, clean_text
 
 CAPTION_VERSION = "caption-v1"
 PSEUDO_VERSION = "pseudo-v1"
@@ -159,7 +159,7 @@ def sanitize_generation(text: str | None, target_id: str, target_title: str | No
     (`parsing.sanitize_cot`). If a mention still survives, the CoT is dropped (None, dropped=True).
     An empty generation becomes None without counting as dropped.
     """
-    from mllmrec_ray.parsing import mentions_item, sanitize_cot
+    from mllmrec_ray.prompting.parsing import mentions_item, sanitize_cot
 
     s = text or ""
     if "</think>" in s:

@@ -87,7 +87,7 @@ def load_collab(data_dir: str | os.PathLike, prompt_cfg) -> "object | None":
         return None
     import pyarrow.parquet as pq
 
-    from mllmrec_ray.collab import fit_collab
+    from mllmrec_ray.data.collab import fit_collab
     from mllmrec_ray.data.windows import training_sequences
 
     data_dir = Path(data_dir)

@@ -236,7 +236,7 @@ def readout_tokens(tokenizer: Any, candidates: Sequence[str], titles: Sequence[s
     The split point is the longest token prefix every `[ITEM_<id>]` shares, so a tokenizer that
     merges `_` with a digit still scores every candidate on the same context.
     """
-    from mllmrec_ray.prompts import answer_text, item_tag
+    from mllmrec_ray.prompting.prompts import answer_text, item_tag
 
     if readout not in READOUTS:
         raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
@@ -256,7 +256,7 @@ def rank_samples(scorer: Any, tokenizer: Any, rows: Sequence[dict], messages_of:
     messages_of(row, without_history) -> chat messages of the row's prompt. The calibrated readout
     subtracts the id score under the same prompt without the history: what the history adds.
     """
-    from mllmrec_ray.prompts import render_prompt
+    from mllmrec_ray.prompting.prompts import render_prompt
 
     def ids_of(row: dict, without_history: bool, extra: list[int]) -> list[int]:
         text = render_prompt(tokenizer, messages_of(row, without_history))

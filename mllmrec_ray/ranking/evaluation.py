@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mllmrec_ray.io import atomic_write_json
-from mllmrec_ray.metrics import compute_metrics, ks_for
+from mllmrec_ray.ranking.metrics import compute_metrics, ks_for
 
 SPLITS = ("train", "valid", "test")
 
@@ -161,7 +161,7 @@ def check_rankings(
     from generate mode is shorter than the candidate list), and the recomputed means,
     n and valid_ratio must equal the record's within `tol`. Errors name `source`.
     """
-    from mllmrec_ray.metrics import per_sample
+    from mllmrec_ray.ranking.metrics import per_sample
 
     by_id = {sid: (t, c) for sid, t, c in zip(samples["sample_id"], samples["target"], samples["candidates"])}
     if not rankings:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mllmrec_ray.cot_prompts import step4_profile
+from mllmrec_ray.stage1.cot_prompts import step4_profile
 
 MINILM_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 

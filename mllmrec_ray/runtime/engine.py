@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from mllmrec_ray.config import EngineConfig
-from mllmrec_ray.weights import from_bucket
+from mllmrec_ray.rl.weights import from_bucket
 
-EXTENSION = "mllmrec_ray.engine.WeightReloadExtension"
+EXTENSION = "mllmrec_ray.runtime.engine.WeightReloadExtension"
 # vLLM's default `logprobs_mode` ("raw_logprobs") reports log-probs of the raw logits (temperature 1,
 # no top-p). Rollouts use "processed_logprobs": the log_softmax of the logits the sampler actually
 # drew from, i.e. after temperature scaling AND top-p truncation (renormalised over the nucleus).

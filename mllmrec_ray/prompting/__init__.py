@@ -1,0 +1,1 @@
+"""What goes into the LLM and comes out of it: prompts, answer parsing, SFT examples."""

@@ -1,0 +1,1 @@
+"""Ranking candidates and measuring it: scorers and readouts, metrics and records, the serving logic."""

@@ -1,0 +1,1 @@
+"""GRPO maths: advantages and loss, the rule reward as named terms, weight bucketing for sync."""

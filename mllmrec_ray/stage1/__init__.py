@@ -1,0 +1,1 @@
+"""Stage I (offline): captions, CoT prompts, MDA selection, the resumable part store."""
