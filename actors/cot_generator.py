@@ -3,7 +3,7 @@
 Rows arrive with `key` and `messages` (chat messages as JSON, built by the job from
 `mllmrec_ray.stage1.cot_prompts`, i.e. from the history only) and leave with the generated
 `text`. The callables never see a target: sanitising and storing happen in
-`store_generations`, a separate step that gets the targets from the job.
+`mllmrec_ray.stage1.store.store_generations`, a separate step that gets the targets from the job.
 
 - `LocalGenerator`: one vLLM engine per actor (`mllmrec_ray.runtime.engine.Engine`), any local
   model; text prompts go through the model's chat template, prompts with image parts
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mllmrec_ray.stage1.store import batch_id
 
 
 def _judge_fields(text: str | None, attempts: int) -> dict:
@@ -109,15 +111,8 @@ class LocalGenerator:
             out.update({k: [f[k] for f in fields] for k in ("valid", "scores", "attempts")})
         out["batch_seconds"] = [round(time.perf_counter() - t0, 3)] * len(results)  # engine time of this batch
         out["torch_threads"] = [torch.get_num_threads()] * len(results)  # the compute width it ran with
-        out["batch"] = [_batch_id(batch["key"])] * len(results)
+        out["batch"] = [batch_id(batch["key"])] * len(results)
         return out
-
-
-def _batch_id(keys) -> str:
-    """Id of the rows generated in one call (their `batch_seconds` is that call's time)."""
-    from mllmrec_ray.stage1.store import content_hash
-
-    return content_hash(sorted(map(str, keys)))[:16]
 
 
 def _passthrough(batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -267,41 +262,5 @@ class OpenAIGenerator:
         out.update({"text": [r[0] for r in results], "finish_reason": [r[1] for r in results],
                     "completion_tokens": [r[2] for r in results],
                     "batch_seconds": [round(time.perf_counter() - t0, 3)] * len(results),
-                    "batch": [_batch_id(batch["key"])] * len(results)})
+                    "batch": [batch_id(batch["key"])] * len(results)})
         return out
-
-
-def _plain(x):
-    """A numpy scalar as a Python value; NaN (how Ray Data may carry a None) as None."""
-    x = x.item() if isinstance(x, np.generic) else x
-    return None if isinstance(x, float) and x != x else x
-
-
-def store_generations(batch: dict[str, np.ndarray], store_root: str, targets: dict | None = None,
-                      constants: dict | None = None) -> dict[str, Any]:
-    """Sanitise generated CoTs against their sample's target and persist the batch as one part file.
-
-    targets: sample_id -> (target id, target title, candidate ids); when given, `text` is
-    masked (`mllmrec_ray.prompting.parsing.sanitize_cot`), dropped if a mention survives, and stored
-    as `cot` with `n_masks` / `dropped`. The raw text of a CoT is never stored.
-    Returns `{"n": [rows stored]}` so the driver can count finished rows.
-    """
-    import pyarrow as pa
-
-    from mllmrec_ray.stage1.cot_prompts import sanitize_generation
-    from mllmrec_ray.stage1.store import PartStore
-
-    rows = {k: list(v) for k, v in batch.items()}
-    n = len(rows["key"])
-    if targets is not None:
-        clean = [sanitize_generation(t, *targets[s]) for t, s in zip(rows.pop("text"), rows["sample_id"])]
-        rows["cot"] = [c[0] for c in clean]
-        rows["n_masks"] = [c[1] for c in clean]
-        rows["dropped"] = [c[2] for c in clean]
-    for k, v in (constants or {}).items():
-        rows[k] = [v] * n
-    # Ray Data may put several generator calls in one block: each call tagged its rows.
-    rows.setdefault("batch", [_batch_id(rows["key"])] * n)
-    table = pa.table({k: [_plain(x) for x in v] for k, v in rows.items()})
-    PartStore(store_root).write(table)
-    return {"n": [n]}

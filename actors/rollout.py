@@ -142,14 +142,3 @@ class RolloutActor(WeightReceiverMixin):
         self.version = version
         return {"version": version, "seconds": seconds, "bytes": sum(len(b) for b in buckets)}
 
-    def score(self, requests: list[dict]) -> list[dict]:
-        """Score mode: each request `{sample_id, prompt (text) | prompt_ids, candidates, answers}`
-        (answers[i] = answer_text of candidates[i]); returns `{sample_id, scores, ranking}` per request,
-        scores = summed answer-token log-probabilities, ranking = candidates best first."""
-        from mllmrec_ray.ranking.scoring import VLLMScorer, answer_ids, rank_by_scores
-
-        scorer = VLLMScorer(self.engine)
-        prompt_ids = [r.get("prompt_ids") or self.engine.encode(r["prompt"]) for r in requests]
-        scores = scorer.score(prompt_ids, [answer_ids(self.engine.tokenizer, r["answers"]) for r in requests])
-        return [{"sample_id": r["sample_id"], "scores": s, "ranking": rank_by_scores(r["candidates"], s)}
-                for r, s in zip(requests, scores)]

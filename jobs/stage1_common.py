@@ -55,7 +55,7 @@ def run_pool(rows: list[dict], fn_cls, fn_kwargs: dict, store_root: str | Path, 
     import pyarrow as pa
     import ray
 
-    from actors.cot_generator import store_generations
+    from mllmrec_ray.stage1.store import store_generations
     from mllmrec_ray.io import atomic_write_parquet
 
     if not rows:

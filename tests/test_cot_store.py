@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actors.cot_generator import store_generations
+from mllmrec_ray.stage1.store import store_generations
 from mllmrec_ray.stage1.store import PartStore, content_hash, row_key
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.grpo import data_order, next_batch, shard
+from mllmrec_ray.rl.prompt_pool import data_order, next_batch, shard
 from mllmrec_ray.config import PipelineConfig
 
 REPO = Path(__file__).resolve().parent.parent

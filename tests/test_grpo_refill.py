@@ -7,7 +7,8 @@ otherwise, so which groups carry reward variance is known in advance.
 
 import pytest
 
-from jobs.grpo import Controller, next_batch
+from jobs.grpo import Controller
+from mllmrec_ray.rl.prompt_pool import next_batch
 from mllmrec_ray.config import GRPOConfig, PipelineConfig
 
 N_PROMPTS = 30

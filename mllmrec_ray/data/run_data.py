@@ -95,3 +95,11 @@ def load_collab(data_dir: str | os.PathLike, prompt_cfg) -> "object | None":
     catalogue = pq.read_table(data_dir / "items.parquet", columns=["item_id"]).column("item_id").to_pylist()
     return fit_collab(training_sequences(train), catalogue, window=prompt_cfg.collab_window,
                       recent=prompt_cfg.collab_recent, levels=prompt_cfg.collab_levels)
+
+
+def candidate_column(n_candidates: int) -> str:
+    """The samples.parquet column holding the candidate lists of that size (10 or 100)."""
+    column = {10: "candidates", 100: "candidates_100"}.get(n_candidates)
+    if column is None:
+        raise ValueError(f"n_candidates must be 10 or 100, got {n_candidates}")
+    return column

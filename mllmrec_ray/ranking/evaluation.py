@@ -30,9 +30,9 @@ def load_split(data_dir: str | os.PathLike, split: str, n_candidates: int = 10):
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    column = {10: "candidates", 100: "candidates_100"}.get(n_candidates)
-    if column is None:
-        raise ValueError(f"n_candidates must be 10 or 100, got {n_candidates}")
+    from mllmrec_ray.data.run_data import candidate_column
+
+    column = candidate_column(n_candidates)
     data_dir = Path(data_dir)
     table = pq.read_table(
         data_dir / "samples.parquet",

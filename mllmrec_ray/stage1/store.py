@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -82,3 +83,41 @@ class PartStore:
             return None
         index = {k: i for i, k in enumerate(table.column("key").to_pylist())}
         return table.take([index[k] for k in keys if k in index])
+
+
+def batch_id(keys) -> str:
+    """Id of the rows generated in one call (their `batch_seconds` is that call's time)."""
+    return content_hash(sorted(map(str, keys)))[:16]
+
+
+def _plain(x):
+    """A numpy scalar as a Python value; NaN (how Ray Data may carry a None) as None."""
+    x = x.item() if isinstance(x, np.generic) else x
+    return None if isinstance(x, float) and x != x else x
+
+
+def store_generations(batch: dict, store_root: str, targets: dict | None = None,
+                      constants: dict | None = None) -> dict[str, Any]:
+    """Sanitise generated CoTs against their sample's target and persist the batch as one part file.
+
+    targets: sample_id -> (target id, target title, candidate ids); when given, `text` is
+    masked (`mllmrec_ray.prompting.parsing.sanitize_cot`), dropped if a mention survives, and stored
+    as `cot` with `n_masks` / `dropped`. The raw text of a CoT is never stored.
+    Returns `{"n": [rows stored]}` so the driver can count finished rows.
+    """
+    from mllmrec_ray.stage1.cot_prompts import sanitize_generation
+
+    rows = {k: list(v) for k, v in batch.items()}
+    n = len(rows["key"])
+    if targets is not None:
+        clean = [sanitize_generation(t, *targets[s]) for t, s in zip(rows.pop("text"), rows["sample_id"])]
+        rows["cot"] = [c[0] for c in clean]
+        rows["n_masks"] = [c[1] for c in clean]
+        rows["dropped"] = [c[2] for c in clean]
+    for k, v in (constants or {}).items():
+        rows[k] = [v] * n
+    # Ray Data may put several generator calls in one block: each call tagged its rows.
+    rows.setdefault("batch", [batch_id(rows["key"])] * n)
+    table = pa.table({k: [_plain(x) for x in v] for k, v in rows.items()})
+    PartStore(store_root).write(table)
+    return {"n": [n]}
