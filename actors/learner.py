@@ -52,16 +52,16 @@ class Learner(WeightSenderMixin):
         dtype = torch.bfloat16 if self.cfg.bf16 else torch.float32
         model = build_policy(model_path, lora, dtype=dtype)
         # Gradient accumulation is driven per step in train_step (batches vary in size).
-        self.engine = deepspeed_engine(model, zero_stage=self.cfg.zero_stage, bf16=self.cfg.bf16, lr=self.cfg.lr,
+        self.ds_engine = deepspeed_engine(model, zero_stage=self.cfg.zero_stage, bf16=self.cfg.bf16, lr=self.cfg.lr,
                                        micro_batch_size=self.cfg.micro_batch_size, grad_accum=1)
         # No dropout: log-probs then match the rollout engine's and the ratio is exactly 1 on-policy.
-        self.engine.eval()
+        self.ds_engine.eval()
 
     def _gathered(self):
         """All parameters materialised (ZeRO-3 partitions them; a no-op for stages 0-2)."""
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()),
+        return deepspeed.zero.GatheredParameters(list(self.ds_engine.module.parameters()),
                                                  enabled=self.cfg.zero_stage == 3)
 
     def _micro_batches(self, batch: list[dict]) -> list[tuple]:
@@ -73,7 +73,7 @@ class Learner(WeightSenderMixin):
         by_prompt: dict[tuple, list[int]] = {}
         for i, b in enumerate(batch):
             by_prompt.setdefault(tuple(b["prompt_ids"]), []).append(i)
-        m, dev = self.cfg.micro_batch_size, self.engine.device
+        m, dev = self.cfg.micro_batch_size, self.ds_engine.device
         out = []
         for prompt, rows in by_prompt.items():
             for k in range(0, len(rows), m):
@@ -87,9 +87,9 @@ class Learner(WeightSenderMixin):
         both at the sampling temperature."""
         t = self.cfg.temperature
         if not reference:
-            return group_logprobs(self.engine, prompt, responses, self.tokenizer.pad_token_id, temperature=t)
-        with torch.no_grad(), self.engine.module.disable_adapter():
-            return group_logprobs(self.engine, prompt, responses, self.tokenizer.pad_token_id, temperature=t)
+            return group_logprobs(self.ds_engine, prompt, responses, self.tokenizer.pad_token_id, temperature=t)
+        with torch.no_grad(), self.ds_engine.module.disable_adapter():
+            return group_logprobs(self.ds_engine, prompt, responses, self.tokenizer.pad_token_id, temperature=t)
 
     def _sampler_logp(self, batch: list[dict], idx: list[int], like: torch.Tensor) -> torch.Tensor | None:
         """[n, C] sampler log-probs of rows `idx` (NaN where missing), or None when no row has them."""
@@ -136,7 +136,7 @@ class Learner(WeightSenderMixin):
         for u in range(cfg.updates_per_step):
             agg = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
             for k, (idx, prompt, resp, adv) in enumerate(mbs):
-                self.engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
+                self.ds_engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
                 logp, rmask = self._logprobs(prompt, resp)
                 old_logp = logp.detach() if old is None else old[k]
                 weights = None
@@ -156,18 +156,18 @@ class Learner(WeightSenderMixin):
                 loss, st = grpo_loss(logp, old_logp, ref[k], adv, rmask, clip_eps=cfg.clip_eps,
                                      beta=cfg.beta, loss_agg=cfg.loss_agg, token_weights=weights)
                 w = shares[k] / total_share
-                self.engine.backward(loss * w, scale_wrt_gas=False)  # weights sum to 1: the batch mean
+                self.ds_engine.backward(loss * w, scale_wrt_gas=False)  # weights sum to 1: the batch mean
                 agg["loss"] += w * st["loss"]
                 for key in ("kl", "clip_frac", "ratio_mean"):  # per-token statistics
                     agg[key] += tokens[k] / total_tokens * st[key]
-            self.engine.step()
-            grad_norm = self.engine.get_global_grad_norm()
+            self.ds_engine.step()
+            grad_norm = self.ds_engine.get_global_grad_norm()
             agg["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
             per_update.append(agg)
 
         stats = dict(per_update[0])  # the on-policy (first) update is the one comparable across steps
         stats["loss_final"] = per_update[-1]["loss"]
-        stats.update(tokens=sum(tokens), sequences=len(batch), optimizer_steps=int(self.engine.global_steps),
+        stats.update(tokens=sum(tokens), sequences=len(batch), optimizer_steps=int(self.ds_engine.global_steps),
                      seconds=time.perf_counter() - t0, old_logp=old_rows,
                      tis_weight_mean=tis_sum / tis_n if tis_n else None)
         return stats
@@ -188,21 +188,21 @@ class Learner(WeightSenderMixin):
     def export_weights(self, full: bool = False) -> list[bytes]:
         """Merged weights as safetensors buckets: the LoRA targets (whole fused groups), or (full) the whole model."""
         with self._gathered():
-            state = merged_lora_state(self.engine.module, full=full)
+            state = merged_lora_state(self.ds_engine.module, full=full)
             return to_buckets(state.items(), self.cfg.sync_bucket_mb << 20)
 
     def export_adapter(self) -> dict:
         """The LoRA adapter alone, for a vLLM engine holding the same base: `{"buckets": safetensors
         buckets of the A/B tensors (PEFT names, training dtype), "config": adapter_config.json}`."""
         with self._gathered():
-            state = adapter_state(self.engine.module)
+            state = adapter_state(self.ds_engine.module)
             return {"buckets": to_buckets(state.items(), self.cfg.sync_bucket_mb << 20),
-                    "config": adapter_config(self.engine.module)}
+                    "config": adapter_config(self.ds_engine.module)}
 
     def model_bytes(self) -> int:
         """Bytes of the frozen base weights in the learner's dtype (what a full merged sync would ship)."""
         with self._gathered():
-            return base_model_bytes(self.engine.module)
+            return base_model_bytes(self.ds_engine.module)
 
     def save_checkpoint(self, ckpt_dir: str, client_state: dict) -> str:
         """DeepSpeed checkpoint (adapter, optimizer, step) + the controller's `client_state`.
@@ -214,11 +214,11 @@ class Learner(WeightSenderMixin):
         ckpt.mkdir(parents=True, exist_ok=True)
         latest = ckpt / "latest"
         current = latest.read_text().strip() if latest.exists() else None
-        tag = f"step{int(self.engine.global_steps)}"
+        tag = f"step{int(self.ds_engine.global_steps)}"
         if tag == current:  # never overwrite what `latest` points to
             tag = f"{tag}-{time.time_ns()}"
         shutil.rmtree(ckpt / tag, ignore_errors=True)  # a half-written leftover of a crash
-        self.engine.save_checkpoint(str(ckpt), tag=tag, client_state={"mllmrec": client_state},
+        self.ds_engine.save_checkpoint(str(ckpt), tag=tag, client_state={"mllmrec": client_state},
                                     save_latest=False, exclude_frozen_parameters=True)
         atomic_write_text(latest, tag)
         return tag
@@ -228,7 +228,7 @@ class Learner(WeightSenderMixin):
         if not (Path(ckpt_dir) / "latest").exists():
             raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no 'latest' file)")
         # Not strict: the frozen base is not in the checkpoint, it comes from model_path.
-        path, client = self.engine.load_checkpoint(ckpt_dir, load_module_strict=False)
+        path, client = self.ds_engine.load_checkpoint(ckpt_dir, load_module_strict=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
         return client.get("mllmrec", {})
@@ -238,12 +238,12 @@ class Learner(WeightSenderMixin):
         `dtype` (config model.save_dtype), written atomically. The merge adds the update to the base
         model's saved tensors (model_path), not to the learner's bf16 copy of them."""
         with self._gathered():
-            return str(save_merged(self.engine.module, self.tokenizer, out_dir, dtype=dtype, base_dir=self.model_path,
-                                   info={"base_model": self.model_path, "step": int(self.engine.global_steps),
+            return str(save_merged(self.ds_engine.module, self.tokenizer, out_dir, dtype=dtype, base_dir=self.model_path,
+                                   info={"base_model": self.model_path, "step": int(self.ds_engine.global_steps),
                                          "dtype": dtype}))
 
     def ping(self) -> dict:
-        return {"pid": os.getpid(), "optimizer_steps": int(self.engine.global_steps), "device": str(self.engine.device)}
+        return {"pid": os.getpid(), "optimizer_steps": int(self.ds_engine.global_steps), "device": str(self.ds_engine.device)}
 
 
 LearnerActor = ray.remote(Learner)

@@ -149,7 +149,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine, work_dir: Path, step: int, state: dict, fingerprint: str, rank: int) -> Path:
+def save_checkpoint(ds_engine, work_dir: Path, step: int, state: dict, fingerprint: str, rank: int) -> Path:
     """Adapter + optimizer (DeepSpeed, every rank its partition) into a temporary dir, renamed to
     `checkpoints/step_<N>` once complete; `latest` is rewritten after, and older checkpoints go."""
     from mllmrec_ray.io import atomic_write_json, atomic_write_text
@@ -161,7 +161,7 @@ def save_checkpoint(engine, work_dir: Path, step: int, state: dict, fingerprint:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crash mid-save
         tmp.mkdir(parents=True)
     _barrier()
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"mllmrec": state}, save_latest=False,
+    ds_engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"mllmrec": state}, save_latest=False,
                            exclude_frozen_parameters=True)
     _barrier()
     if rank == 0:
@@ -177,10 +177,10 @@ def save_checkpoint(engine, work_dir: Path, step: int, state: dict, fingerprint:
     return final
 
 
-def load_checkpoint(engine, path: str | Path) -> dict:
+def load_checkpoint(ds_engine, path: str | Path) -> dict:
     """Restore adapter, optimizer and step into `engine`; returns the saved client state."""
     # Not strict: the frozen base is not in the checkpoint, it comes from the model path.
-    loaded, client = engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=False)
+    loaded, client = ds_engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=False)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the SFT checkpoint in {path}")
     return client.get("mllmrec", {})
@@ -202,7 +202,7 @@ def log_step(metrics: dict, total: int, say, writer=None, metrics_file=None) -> 
         metrics_file.flush()
 
 
-def train_steps(engine, examples: list[dict], pad_id: int, sft, *, rank: int = 0, world: int = 1,
+def train_steps(ds_engine, examples: list[dict], pad_id: int, sft, *, rank: int = 0, world: int = 1,
                 max_steps: int | None = None, work_dir: str | Path | None = None, resume: str | None = None,
                 fingerprint: str = "", report=None, say=print, fail_at_step: int | None = None) -> dict:
     """Optimizer steps over this rank's share of `examples`; returns {"steps", "first_loss", "last_loss"}.
@@ -231,7 +231,7 @@ def train_steps(engine, examples: list[dict], pad_id: int, sft, *, rank: int = 0
 
     step, first_loss, last_loss = 0, None, None
     if resume:
-        state = load_checkpoint(engine, resume)
+        state = load_checkpoint(ds_engine, resume)
         step, first_loss, last_loss = state["step"], state.get("first_loss"), state.get("last_loss")
         if state.get("torch_rng") is not None:
             torch.set_rng_state(state["torch_rng"])
@@ -260,10 +260,10 @@ def train_steps(engine, examples: list[dict], pad_id: int, sft, *, rank: int = 0
                 if epoch * micro_per_epoch + k < done_micro:
                     continue
                 batch = collate([examples[j] for j in mine[i : i + sft.micro_batch_size]], pad_id)
-                loss = completion_loss(engine, {key: v.to(engine.device) for key, v in batch.items()})
-                engine.backward(loss)
-                boundary = engine.is_gradient_accumulation_boundary()
-                engine.step()
+                loss = completion_loss(ds_engine, {key: v.to(ds_engine.device) for key, v in batch.items()})
+                ds_engine.backward(loss)
+                boundary = ds_engine.is_gradient_accumulation_boundary()
+                ds_engine.step()
                 window.append(float(loss.detach()))
                 if not boundary:
                     continue
@@ -272,9 +272,9 @@ def train_steps(engine, examples: list[dict], pad_id: int, sft, *, rank: int = 0
                 window = []
                 first_loss = last_loss if first_loss is None else first_loss
                 now = time.perf_counter()
-                grad_norm = engine.get_global_grad_norm()  # before clipping, as DeepSpeed computed it
+                grad_norm = ds_engine.get_global_grad_norm()  # before clipping, as DeepSpeed computed it
                 metrics = {"step": step, "epoch": epoch + 1, "loss": last_loss, "first_loss": first_loss,
-                           "lr": float(engine.get_lr()[0]),
+                           "lr": float(ds_engine.get_lr()[0]),
                            "grad_norm": float(grad_norm) if grad_norm is not None else None,
                            "step_s": now - t_step, "seconds": now - t0}
                 t_step = now
@@ -283,7 +283,7 @@ def train_steps(engine, examples: list[dict], pad_id: int, sft, *, rank: int = 0
                 if report is not None:
                     report(metrics)
                 if work_dir is not None and sft.checkpoint_every and step % sft.checkpoint_every == 0 and step < total:
-                    save_checkpoint(engine, Path(work_dir), step,
+                    save_checkpoint(ds_engine, Path(work_dir), step,
                                     {"step": step, "first_loss": first_loss, "last_loss": last_loss,
                                      "torch_rng": torch.get_rng_state()}, fingerprint, rank)
                 if fail_at_step is not None and step == fail_at_step:
@@ -323,10 +323,10 @@ def train_loop(config: dict) -> None:
     tokenizer = load_tokenizer(config["model_path"])
     model = build_policy(config["model_path"], from_dict(LoraConfig, config["lora"]),
                          dtype=torch.bfloat16 if sft.bf16 else torch.float32)
-    engine = deepspeed_engine(model, zero_stage=sft.zero_stage, bf16=sft.bf16, lr=sft.lr,
+    ds_engine = deepspeed_engine(model, zero_stage=sft.zero_stage, bf16=sft.bf16, lr=sft.lr,
                               micro_batch_size=sft.micro_batch_size, grad_accum=sft.grad_accum)
-    engine.train()
-    result = train_steps(engine, examples, tokenizer.pad_token_id, sft, rank=rank, world=world,
+    ds_engine.train()
+    result = train_steps(ds_engine, examples, tokenizer.pad_token_id, sft, rank=rank, world=world,
                          max_steps=config["max_steps"], work_dir=config["work_dir"], resume=config["resume"],
                          fingerprint=config["fingerprint"], report=ray.train.report, say=say,
                          fail_at_step=config.get("fail_at_step"))
@@ -334,9 +334,9 @@ def train_loop(config: dict) -> None:
     import deepspeed
 
     # ZeRO-3 keeps parameters partitioned: every rank joins the gather, rank 0 writes.
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=sft.zero_stage == 3):
+    with deepspeed.zero.GatheredParameters(list(ds_engine.module.parameters()), enabled=sft.zero_stage == 3):
         if rank == 0:
-            save_merged(engine.module, tokenizer, config["out"], base_dir=config["model_path"],
+            save_merged(ds_engine.module, tokenizer, config["out"], base_dir=config["model_path"],
                         info={"base_model": config["model_path"], "steps": result["steps"],
                               "first_loss": result["first_loss"], "last_loss": result["last_loss"],
                               "examples": len(examples), "sft": config["sft"], "lora": config["lora"],
