@@ -383,7 +383,7 @@ def main(args: argparse.Namespace) -> int:
                 atomic_write_text(resolved, CONFIG_HEADER + yaml.safe_dump(config, sort_keys=False))
                 wrote_config = True
             if _needs_ray(name) and started_head is None and not os.environ.get("RAY_ADDRESS"):
-                started_head = _start_head(cfg, console)
+                started_head = _start_head(cfg, console, log_dir)
             console.line(d.line())
             attempt = fp.attempt_for(name, state.settings, state.ancestors, records)
             # stale output first stops looking complete: record, then marker, then resumable state
@@ -435,14 +435,27 @@ CONFIG_HEADER = ("# Resolved config of the last `mllmrec pipeline` that ran a st
                  "(`mllmrec pipeline --dry-run` lists stale stages).\n")
 
 
-def _start_head(cfg: PipelineConfig, console: Console):
+def _start_head(cfg: PipelineConfig, console: Console, log_dir: Path):
     """One local cluster for every stage process of this run, on 127.0.0.1 only."""
     import logging
+
+    import ray._private.worker as ray_worker
 
     from jobs.common import start_local_ray
 
     num_cpus = cfg.ray_num_cpus or 8
     ctx = start_local_ray(num_cpus, log_to_driver=False, logging_level=logging.ERROR)
+    # The pipeline is a Ray driver only to hold the head: the raylet's cluster-wide warnings, which
+    # Ray prints on every driver whatever log_to_driver says ("N PYTHON worker processes have been
+    # started..."), go to logs/ray.log, not the console.
+    ray_log = log_dir / "ray.log"
+
+    def to_log(data: dict, ignore_prefix: bool = False, *args, **kwargs) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(ray_log, "a") as f:
+            f.writelines(f"({data.get('pid')}) {line}\n" for line in data.get("lines", []))
+
+    ray_worker.print_to_stdstream = to_log
     os.environ["RAY_ADDRESS"] = ctx.address_info["address"]
     console.line(f"[pipeline] local Ray cluster at {ctx.address_info['address']} ({num_cpus} logical CPUs)")
     import ray

@@ -341,3 +341,25 @@ def test_progress_line_with_rate(run, monkeypatch):
     assert rc == 0 and ran == ["prepare"]
     progress = [line for line in out.splitlines() if line.startswith("prepare: step ")]
     assert progress and ("s/step" in progress[-1] or "step/s" in progress[-1]), out
+
+
+def test_raylet_warnings_go_to_the_run_log_not_the_console(tmp_path, monkeypatch, capsys):
+    """Ray prints cluster-wide raylet warnings on every driver; the pipeline's go to logs/ray.log."""
+    import types
+
+    import ray._private.worker as ray_worker
+
+    import jobs.common
+    from jobs import pipeline
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored after
+    monkeypatch.setattr(jobs.common, "start_local_ray",
+                        lambda *a, **k: types.SimpleNamespace(address_info={"address": "127.0.0.1:1"}))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    pipeline._start_head(pipeline.PipelineConfig(), pipeline.Console(), tmp_path / "logs")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_worker.print_to_stdstream({"lines": ["WARNING: 8 PYTHON worker processes"], "pid": "raylet",
+                                   "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr()
+    assert "PYTHON worker" not in out.out + out.err and "local Ray cluster at 127.0.0.1:1" in out.out
+    assert "(raylet) WARNING: 8 PYTHON worker processes" in (tmp_path / "logs" / "ray.log").read_text()
