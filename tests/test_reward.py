@@ -4,7 +4,7 @@ import pytest
 
 from mllmrec_ray.prompting.parsing import ParsedAnswer, parse_answer
 from mllmrec_ray.prompting.prompts import answer_text
-from mllmrec_ray.rl.reward import RewardConfig, format_reward, hit_reward, reward, reward_and_parse
+from mllmrec_ray.rl.reward import RewardConfig, format_reward, hit_reward, reward, reward_terms
 
 CANDS = ["5", "3", "9", "12"]
 TARGET = "9"
@@ -50,8 +50,8 @@ def test_components_and_config():
     assert reward("[ITEM_5] Movie 5", TARGET, CANDS, config=cfg) == pytest.approx(0.1)
     assert reward("nope", TARGET, CANDS, config=cfg) == pytest.approx(-0.5)
 
-    r, parsed = reward_and_parse("[ITEM_9] Movie 9\n<think>t</think>", TARGET, CANDS)
-    assert r == pytest.approx(1.3) and parsed.item_id == "9" and parsed.think == "t"
+    terms, parsed = reward_terms("[ITEM_9] Movie 9\n<think>t</think>", TARGET, CANDS)
+    assert sum(terms.values()) == pytest.approx(1.3) and parsed.item_id == "9" and parsed.think == "t"
 
 
 def test_reward_terms_by_name_and_weights():

@@ -41,29 +41,6 @@ def hit_reward(parsed: ParsedAnswer, target: str, config: RewardConfig = DEFAULT
     return config.hit if parsed.well_formed and parsed.item_id == str(target) else 0.0
 
 
-def reward_and_parse(
-    text: str,
-    target: str,
-    candidates: Sequence[str],
-    think_first: bool = False,
-    config: RewardConfig = DEFAULT_REWARD,
-) -> tuple[float, ParsedAnswer]:
-    """Reward and the parse it came from (for logging format / hit rates)."""
-    parsed = parse_answer(text, candidates, think_first=think_first)
-    return format_reward(parsed, config) + hit_reward(parsed, target, config), parsed
-
-
-def reward(
-    text: str,
-    target: str,
-    candidates: Sequence[str],
-    think_first: bool = False,
-    config: RewardConfig = DEFAULT_REWARD,
-) -> float:
-    """R = format reward + hit reward for one response."""
-    return reward_and_parse(text, target, candidates, think_first, config)[0]
-
-
 def apply_require_think(parsed: ParsedAnswer, require_think: bool) -> ParsedAnswer:
     """`parsed`, made malformed when `require_think` and it has no non-empty <think> block."""
     if require_think and parsed.well_formed and not parsed.think:
@@ -96,3 +73,14 @@ def think_text(text: str) -> str | None:
     """The stripped text of the first closed <think>...</think> block, or None (for think-rate logs)."""
     m = _THINK.search(text or "")
     return m.group(1).strip() if m else None
+
+
+def reward(
+    text: str,
+    target: str,
+    candidates: Sequence[str],
+    think_first: bool = False,
+    config: RewardConfig = DEFAULT_REWARD,
+) -> float:
+    """R = format reward + hit reward for one response (Eq. 8: the named terms, weights 1 and 1)."""
+    return sum(reward_terms(text, target, candidates, think_first=think_first, config=config)[0].values())
