@@ -322,10 +322,16 @@ def decide(cfg, config: dict, stages: list, run_dir: Path, only: set[str] | None
         if d.run and s.name in RESUMABLE:
             attempt = fp.attempt_for(s.name, s.settings, s.ancestors, records)
             has_state = any((run_dir / r).exists() for r in RESUMABLE[s.name])
-            if (s.name not in force and not set(s.ancestors) & running
-                    and fp.same_inputs(fp.read_attempt(run_dir, s.name), attempt)):
+            prior = fp.read_attempt(run_dir, s.name)
+            usable = s.name not in force and not set(s.ancestors) & running
+            # an attempt that only raised grpo.steps continues the finished (or interrupted) one
+            raised = fp.extends(prior or records.get(s.name), attempt) if usable and has_state else ()
+            if usable and fp.same_inputs(prior, attempt):
                 resume.add(s.name)
                 d.reason += "; resuming the interrupted attempt (same fingerprint)"
+            elif raised:
+                resume.add(s.name)
+                d.reason += f"; continuing from its last checkpoint (only {', '.join(raised)} raised)"
             elif has_state:
                 d.reason += f"; clearing {', '.join(RESUMABLE[s.name])}/ (made by another attempt)"
     return states, records, decisions, resume

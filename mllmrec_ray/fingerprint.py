@@ -266,6 +266,27 @@ def comparable(settings: dict | None, stage: str) -> dict:
     return {**settings, "config": {k: v for k, v in config.items() if v is not None and _read_by(stage, k)}}
 
 
+# Keys a resumable stage may raise and still continue from its checkpoint: GRPO's learning rate is
+# constant and its sampling seeds are per step, so a run to N steps is the prefix of a run to M > N.
+EXTENDABLE = {"grpo": ("grpo.steps",)}
+
+
+def extends(old: dict | None, new: dict) -> tuple[str, ...]:
+    """The EXTENDABLE keys `new` raises over `old` (a finished record or an interrupted attempt) when it
+    otherwise has the same settings and upstream outputs; () when it does not continue `old`."""
+    stage = new.get("stage", "")
+    keys = EXTENDABLE.get(stage, ())
+    if not old or not keys or old.get("upstream") != new["upstream"]:
+        return ()
+    a, b = comparable(old.get("settings"), stage), comparable(new["settings"], stage)
+    ca, cb = a.pop("config"), b.pop("config")
+    if a != b or {k: v for k, v in ca.items() if k not in keys} != {k: v for k, v in cb.items() if k not in keys}:
+        return ()
+    if any(k not in ca or k not in cb or cb[k] < ca[k] for k in keys):
+        return ()
+    return tuple(k for k in keys if cb[k] != ca[k])
+
+
 def same_inputs(a: dict | None, b: dict) -> bool:
     """Two attempts (or a record and an attempt) were made from the same settings and upstream outputs."""
     stage = b.get("stage", "")

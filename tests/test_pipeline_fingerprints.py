@@ -363,3 +363,21 @@ def test_raylet_warnings_go_to_the_run_log_not_the_console(tmp_path, monkeypatch
     out = capsys.readouterr()
     assert "PYTHON worker" not in out.out + out.err and "local Ray cluster at 127.0.0.1:1" in out.out
     assert "(raylet) WARNING: 8 PYTHON worker processes" in (tmp_path / "logs" / "ray.log").read_text()
+
+
+def test_raising_grpo_steps_continues_from_the_checkpoint(run):
+    assert run()[0] == 0
+    ckpt = run.run_dir / "grpo" / "checkpoints" / "latest"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_text("step_000005\n")
+    rc, out, err, ran = run("--set", "grpo.steps=8")
+    assert rc == 0 and ran == ["grpo resumed", "eval-grpo", "report"], out
+    assert "grpo: run (settings changed: grpo.steps 5 -> 8; continuing from its last checkpoint " \
+           "(only grpo.steps raised))" in out.splitlines()
+    # fewer steps, or another key changed with them: the checkpoint is of another run, start over
+    for extra in (["--set", "grpo.steps=6"], ["--set", "grpo.steps=9", "--set", "grpo.lr=0.00005"]):
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text("step_000008\n")
+        rc, out, err, ran = run(*extra)
+        assert rc == 0 and ran[0] == "grpo", (extra, out)
+        assert any(line.startswith("grpo: run") and "clearing grpo/" in line for line in out.splitlines()), out
