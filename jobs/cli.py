@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("jobs.data", "fetch or prepare a dataset (data fetch | data prepare)"),
     "models": ("jobs.models", "fetch a model into the local cache (models fetch smollm2-135m)"),
     "baseline": ("jobs.baseline", "train and score a classic baseline (pop | sasrec)"),
+    "evidence": ("jobs.evidence", "train the sequence-model evidence of prompt.collab_seq (cross-fitted SASRec)"),
     "textualize": ("jobs.textualize", "Stage I: caption item covers"),
     "cot": ("jobs.cot", "Stage I: pseudo-CoT and refined CoT per training sample"),
     "mda": ("jobs.mda", "Stage I: mixed-grained data augmentation (CoT selection)"),
@@ -38,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 CLIENT_COMMANDS = {"submit", "jobs"}
 # stages that read the pipeline config: each gets --config / --set, validated before it runs
 # ("data prepare": the `prepare` sub-command of `data`; `data fetch` reads no config)
-CONFIG_COMMANDS = {"textualize", "cot", "mda", "sft", "grpo", "eval", "serve", "pipeline",
+CONFIG_COMMANDS = {"evidence", "textualize", "cot", "mda", "sft", "grpo", "eval", "serve", "pipeline",
                    "data prepare", "baseline", "report"}
 EXIT_USAGE = 2
 

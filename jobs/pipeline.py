@@ -34,6 +34,7 @@ from mllmrec_ray.io import atomic_write_json, atomic_write_text
 
 # the marker a merged model dir gets last (mllmrec_ray.runtime.policy.MERGED_MARKER; kept import-free here)
 SFT_DONE = "mllmrec_complete.json"
+SEQ_EVIDENCE = "seq_evidence.pt"  # mllmrec_ray.data.run_data.SEQ_EVIDENCE
 
 
 def plan(cfg: PipelineConfig, config_path: Path, run_dir: Path) -> list[tuple[str, list[str], Path | None]]:
@@ -80,6 +81,10 @@ def plan(cfg: PipelineConfig, config_path: Path, run_dir: Path) -> list[tuple[st
                                   "--candidates", str(cfg.prompt.n_candidates), "--seed", str(d.seed),
                                   "--collab", f"{pc.collab_window},{pc.collab_recent},{pc.collab_levels}",
                                   "--out", str(evals / "collab.json")], evals / "collab.json"))
+    if cfg.prompt.collab and cfg.prompt.collab_seq:
+        # the prompt's next-item ranks: cross-fitted SASRec models beside the data they were trained on
+        stages.append(("seqrec", ["evidence", "--data", str(data), "--seed", str(d.seed), *conf],
+                       data / SEQ_EVIDENCE))
     stages += [
         ("textualize", ["textualize", "--data", str(data), "--out", str(stage1), *conf], stage1 / "captions.parquet"),
         ("cot", ["cot", "--data", str(data), "--stage1", str(stage1), *conf], stage1 / "cot.parquet"),
@@ -116,7 +121,7 @@ def plan(cfg: PipelineConfig, config_path: Path, run_dir: Path) -> list[tuple[st
 RESUMABLE = {"grpo": ("grpo",)}
 # Stages that never touch Ray (the local head is started only when another stage runs; evaluations
 # keep it: vLLM with tensor parallelism joins the cluster named by RAY_ADDRESS).
-RAY_FREE = ("prepare", "pop", "sasrec", "sasrec-full", "random", "min-id", "collab", "mda", "report")
+RAY_FREE = ("prepare", "pop", "sasrec", "sasrec-full", "random", "min-id", "collab", "seqrec", "mda", "report")
 PROGRESS_EVERY_S = 120.0  # console not a terminal: at most one progress line per stage this often
 TAIL_LINES = 20           # of a failed stage's log
 

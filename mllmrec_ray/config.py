@@ -156,7 +156,9 @@ class PromptConfig:
     think_first: the answer grammar (`<think>` before or after the answer line).
     collab: per candidate, collaborative evidence from training users' windows (popularity and
         follows-your-recent-items levels, `mllmrec_ray.data.collab`); collab_window / collab_recent /
-        collab_levels shape it.
+        collab_levels shape it. collab_seq adds each candidate's rank under a SASRec next-item model
+        trained on the same windows, cross-fitted so no training prompt shows a model that saw its user
+        (`mllmrec_ray.data.seq_evidence`; the pipeline's seqrec stage trains it).
     """
 
     with_captions: Bool = True
@@ -166,6 +168,7 @@ class PromptConfig:
     collab_window: PosInt = 3
     collab_recent: PosInt = 3
     collab_levels: Annotated[Int, Field(ge=2)] = 5
+    collab_seq: Bool = False
 
 
 @dataclass(config=_PYDANTIC)

@@ -47,6 +47,7 @@ STAGE_READS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "random": ((), ()),
     "min-id": ((), ()),
     "collab": ((), ()),
+    "seqrec": ((), ()),
     "textualize": (("stage1.captioner*", "model.engine"), ()),
     "cot": (("stage1", "model.name", "model.engine", "data.seed"),
             (*_STAGE1_EXECUTION, "stage1.captioner*", "stage1.embedder", "stage1.p_sft", "stage1.p_grpo")),
@@ -75,11 +76,12 @@ DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "textualize": ("prepare",),
     "cot": ("prepare", "textualize"),
     "mda": ("prepare", "textualize", "cot"),
-    "sft": ("prepare", "textualize", "cot", "mda"),
-    "grpo": ("prepare", "textualize", "mda", "sft"),
-    "eval-base": ("prepare",),
-    "eval-sft": ("prepare", "sft"),
-    "eval-grpo": ("prepare", "sft", "grpo"),
+    "seqrec": ("prepare",),
+    "sft": ("prepare", "seqrec", "textualize", "cot", "mda"),
+    "grpo": ("prepare", "seqrec", "textualize", "mda", "sft"),
+    "eval-base": ("prepare", "seqrec"),
+    "eval-sft": ("prepare", "seqrec", "sft"),
+    "eval-grpo": ("prepare", "seqrec", "sft", "grpo"),
 }
 # evaluations whose prompts carry captions also read textualize's output
 _CAPTION_READERS = ("eval-*",)

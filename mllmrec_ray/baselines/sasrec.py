@@ -33,6 +33,7 @@ class SASRec(nn.Module):
                  max_len: int = 50, dropout: float = 0.2):
         super().__init__()
         self.max_len = max_len
+        self.shape = {"n_items": n_items, "hidden": hidden, "blocks": blocks, "heads": heads, "max_len": max_len}
         self.item_emb = nn.Embedding(n_items + 1, hidden, padding_idx=0)  # index 0 = padding
         self.pos_emb = nn.Embedding(max_len, hidden)
         # Same small scale for both: PyTorch's default N(0, 1) positions would drown the items.
@@ -63,6 +64,20 @@ class SASRecRanker:
         self.item_ids = list(item_ids)
         self.index = {item: i + 1 for i, item in enumerate(self.item_ids)}
         self.info: dict = {}
+
+    def state(self) -> dict:
+        """What `from_state` needs to rebuild this ranker: shape, weights, vocabulary, training info."""
+        return {"shape": self.model.shape, "weights": self.model.state_dict(), "item_ids": self.item_ids,
+                "info": self.info}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "SASRecRanker":
+        model = SASRec(**state["shape"], dropout=0.0)
+        model.load_state_dict(state["weights"])
+        model.eval()
+        ranker = cls(model, state["item_ids"])
+        ranker.info = dict(state.get("info") or {})
+        return ranker
 
     @torch.no_grad()
     def rank(self, histories: Sequence[Sequence[str]], candidates: Sequence[Sequence[str]],

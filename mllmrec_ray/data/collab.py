@@ -8,7 +8,8 @@ level printed next to each candidate. Two statistics, both from the training win
   of the user's `recent` last history items (item-to-item transitions; on the ML-100K
   valid split, last 3 items / window 3 ranked best among co-occurrence variants).
 Each is printed as a level `1..levels` (popularity, by catalogue quantiles) and `0..levels-1`
-(follows, by powers of two), e.g. `(popularity 4/5, follows recent 2/4)`.
+(follows, by powers of two), e.g. `(popularity 4/5, follows recent 2/4)`. With `prompt.collab_seq`
+a third, `next-item rank 1/10`, comes from a cross-fitted SASRec (`mllmrec_ray.data.seq_evidence`).
 
 Leave-user-out: a training sample's own user is subtracted from every statistic, so its
 target's levels look exactly as they would for an unseen user (otherwise the target of
@@ -36,6 +37,7 @@ class CollabStats:
     window: int = 3
     recent: int = 3
     levels: int = 5
+    seq: "object | None" = None     # `SeqEvidence` (prompt.collab_seq): adds each candidate's next-item rank
 
     def counts(self, history: Sequence[str], candidates: Sequence[str],
                user: str | None = None) -> list[tuple[int, int]]:
@@ -66,8 +68,13 @@ class CollabStats:
 
     def texts(self, history: Sequence[str], candidates: Sequence[str], user: str | None = None) -> list[str]:
         """The evidence line appended to each candidate in the prompt."""
-        return [f"(popularity {p}/{self.levels}, follows recent {f}/{self.levels - 1}):"
-                for p, f in self.levels_of(self.counts(history, candidates, user))]
+        texts = [f"popularity {p}/{self.levels}, follows recent {f}/{self.levels - 1}"
+                 for p, f in self.levels_of(self.counts(history, candidates, user))]
+        if self.seq is not None:
+            n = len(candidates)
+            texts = [f"{t}, next-item rank {r}/{n}" if r else t
+                     for t, r in zip(texts, self.seq.ranks(history, candidates, user))]
+        return [f"({t}):" for t in texts]
 
 
 def fit_collab(sequences: Mapping[str, Sequence[str]], catalogue: Sequence[str], window: int = 3,

@@ -81,7 +81,8 @@ def load_collab(data_dir: str | os.PathLike, prompt_cfg) -> "object | None":
     """`CollabStats` from the training windows of a prepared data dir when `prompt.collab` is on, else None.
 
     Built from samples.parquet's train split only (`training_sequences`), so every stage that
-    builds prompts (SFT, GRPO, eval, serving) sees the same evidence.
+    builds prompts (SFT, GRPO, eval, serving) sees the same evidence; `prompt.collab_seq` adds the
+    sequence models of `SEQ_EVIDENCE`.
     """
     if not getattr(prompt_cfg, "collab", False):
         return None
@@ -93,8 +94,27 @@ def load_collab(data_dir: str | os.PathLike, prompt_cfg) -> "object | None":
     data_dir = Path(data_dir)
     train = pq.read_table(data_dir / "samples.parquet", filters=[("split", "==", "train")]).to_pylist()
     catalogue = pq.read_table(data_dir / "items.parquet", columns=["item_id"]).column("item_id").to_pylist()
-    return fit_collab(training_sequences(train), catalogue, window=prompt_cfg.collab_window,
-                      recent=prompt_cfg.collab_recent, levels=prompt_cfg.collab_levels)
+    stats = fit_collab(training_sequences(train), catalogue, window=prompt_cfg.collab_window,
+                       recent=prompt_cfg.collab_recent, levels=prompt_cfg.collab_levels)
+    if getattr(prompt_cfg, "collab_seq", False):
+        stats.seq = load_seq_evidence(data_dir)
+    return stats
+
+
+SEQ_EVIDENCE = "seq_evidence.pt"  # written into the data dir by `mllmrec evidence`
+
+
+def load_seq_evidence(data_dir: str | os.PathLike):
+    """The cross-fitted SASRec models `mllmrec evidence` trained for `prompt.collab_seq`."""
+    import torch
+
+    from mllmrec_ray.data.seq_evidence import SeqEvidence
+
+    path = Path(data_dir) / SEQ_EVIDENCE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: prompt.collab_seq is on but the sequence-model evidence is missing; "
+                                f"run `mllmrec evidence --data {data_dir}` (the pipeline's seqrec stage)")
+    return SeqEvidence.from_state(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def candidate_column(n_candidates: int) -> str:

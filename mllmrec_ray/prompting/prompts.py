@@ -31,6 +31,7 @@ COLLAB_LEGEND = (
     "Evidence from other users: how popular each candidate is, and how many users watched it "
     "soon after the last items this user watched (higher means more likely)."
 )
+SEQ_LEGEND = " Next-item rank: where a sequence model trained on other users places it (1 = most likely)."
 
 
 def clean_text(text: str | None) -> str | None:
@@ -91,7 +92,7 @@ def build_messages(
     if evidence is not None:
         if len(evidence) != len(candidates):
             raise ValueError(f"{len(evidence)} evidence texts for {len(candidates)} candidates")
-        lines += [COLLAB_LEGEND]
+        lines += [COLLAB_LEGEND + (SEQ_LEGEND if any("next-item rank" in e for e in evidence) else "")]
     lines += ["Candidate items:"]
     # Candidates carry no caption: the paper's prompt lists candidates by tag and title.
     cand_lines = [answer_text(str(it["item_id"]), it.get("title")) for it in candidates]

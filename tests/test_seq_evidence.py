@@ -1,0 +1,117 @@
+"""Sequence-model evidence (prompt.collab_seq): cross-fitted, training users only, readable ranks."""
+
+import pytest
+import torch
+
+from mllmrec_ray.config import PromptConfig
+from mllmrec_ray.data.collab import fit_collab
+from mllmrec_ray.data.run_data import SEQ_EVIDENCE, load_collab
+from mllmrec_ray.data.seq_evidence import SeqEvidence, fit_seq_evidence
+from mllmrec_ray.data.windows import training_sequences
+from mllmrec_ray.prompting.prompts import SEQ_LEGEND, sample_messages
+from test_collab import _protocol
+
+TINY = dict(epochs=2, hidden=16, blocks=1, max_len=12, log=None)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    items, inter, samples = _protocol()
+    rows = samples.to_dict("records")
+    seqs = training_sequences(rows)
+    ids = sorted(items["item_id"])
+    return items, samples, seqs, fit_seq_evidence(seqs, ids, folds=2, seed=0, **TINY)
+
+
+def test_no_model_gives_evidence_about_a_user_it_trained_on(fitted):
+    items, samples, seqs, ev = fitted
+    train_users = set(samples[samples.split == "train"].user_id)
+    held_out = set(samples[samples.split != "train"].user_id)
+    assert held_out and not held_out & train_users
+    assert set(ev.trained_on[0]) == train_users  # the full model: every training user, nobody else
+    for k, fold_model in enumerate(ev.folds):
+        assert not set(ev.trained_on[k + 1]) & held_out
+        fold = {u for u, f in ev.fold_of.items() if f == k}
+        assert fold and not fold & set(ev.trained_on[k + 1])  # left out of the model that speaks for them
+        assert set(ev.trained_on[k + 1]) == train_users - fold
+    for u in train_users:
+        assert ev.ranker_for(u) is ev.folds[ev.fold_of[u]]
+    for u in list(held_out) + [None]:
+        assert ev.ranker_for(u) is ev.full
+
+
+def test_ranks_follow_the_models_ranking_and_survive_a_round_trip(fitted, tmp_path):
+    items, samples, seqs, ev = fitted
+    s = samples[samples.split == "test"].iloc[0]
+    hist, cands = [str(h) for h in s.history], [str(c) for c in s.candidates]
+    order = ev.full.rank([hist], [cands])[0]
+    ranks = ev.ranks(hist, cands, s.user_id)
+    assert sorted(ranks) == list(range(1, len(cands) + 1))
+    assert [cands[ranks.index(r)] for r in range(1, len(cands) + 1)] == order
+    # an item no model knows ranks last; a history of unknown items gives no evidence
+    assert ev.ranks(hist, cands[:3] + ["unknown"], None)[-1] == 4
+    assert ev.ranks(["unknown"], cands, None) == [0] * len(cands)
+    path = tmp_path / "ev.pt"
+    torch.save(ev.state(), path)
+    back = SeqEvidence.from_state(torch.load(path, weights_only=False))
+    train_row = samples[samples.split == "train"].iloc[0]
+    for user, h, c in ((s.user_id, hist, cands), (train_row.user_id, list(map(str, train_row.history)),
+                                                   list(map(str, train_row.candidates)))):
+        assert back.ranks(h, c, user) == ev.ranks(h, c, user)
+
+
+def test_prompt_shows_the_rank_and_load_collab_names_a_missing_file(fitted, tmp_path):
+    items, samples, seqs, ev = fitted
+    data = tmp_path / "data"
+    data.mkdir()
+    samples.to_parquet(data / "samples.parquet")
+    items.to_parquet(data / "items.parquet")
+    cfg = PromptConfig(collab=True, collab_seq=True)
+    with pytest.raises(FileNotFoundError, match=rf"{SEQ_EVIDENCE}.*mllmrec evidence"):
+        load_collab(data, cfg)
+    torch.save(ev.state(), data / SEQ_EVIDENCE)
+    st = load_collab(data, cfg)
+    assert load_collab(data, PromptConfig(collab=True)).seq is None
+    item_rows = {r["item_id"]: r for r in items.to_dict("records")}
+    s = samples[samples.split == "test"].to_dict("records")[0]
+    visible = {k: v for k, v in s.items() if k != "target"}
+    text = sample_messages(visible, item_rows, collab=st)[1]["content"]
+    assert SEQ_LEGEND.strip() in text
+    ranks = ev.ranks(s["history"], s["candidates"], s["user_id"])
+    lines = [ln for ln in text.splitlines() if ln.startswith("(popularity ")]
+    assert [ln.split("next-item rank ")[1].split("/")[0] for ln in lines] == [str(r) for r in ranks]
+    # the calibrated readout's prompt without history has no sequence evidence (nothing to condition on)
+    no_hist = sample_messages(visible, item_rows, collab=st, without_history=True)[1]["content"]
+    assert "next-item rank" not in no_hist and SEQ_LEGEND.strip() not in no_hist
+
+
+def test_fold_count_is_checked():
+    seqs = {"a": ["1", "2", "3"], "b": ["2", "3", "4"]}
+    with pytest.raises(ValueError, match="folds=1"):
+        fit_seq_evidence(seqs, ["1", "2", "3", "4"], folds=1, **TINY)
+    with pytest.raises(ValueError, match="2 training users for 3 folds"):
+        fit_seq_evidence(seqs, ["1", "2", "3", "4"], folds=3, **TINY)
+
+
+def test_collab_texts_unchanged_without_seq():
+    st = fit_collab({"a": ["1", "2", "3"]}, ["1", "2", "3"])
+    assert st.texts(["1"], ["2", "1"]) == ["(popularity 2/5, follows recent 1/4):",
+                                           "(popularity 2/5, follows recent 0/4):"]
+
+
+def test_pipeline_trains_the_evidence_before_every_prompt_builder(tmp_path):
+    from pathlib import Path
+
+    from jobs.pipeline import plan
+    from mllmrec_ray import fingerprint as fp
+    from mllmrec_ray.config import load_config
+
+    for on in (False, True):
+        cfg = load_config("configs/quickstart.yaml", [f"prompt.collab_seq={str(on).lower()}"])
+        names = [name for name, _, _ in plan(cfg, Path("c.yaml"), tmp_path)]
+        assert ("seqrec" in names) is on
+        if on:
+            deps = fp.dependencies(names, with_captions=False)
+            for stage in ("sft", "grpo", "eval-base", "eval-sft", "eval-grpo"):
+                assert "seqrec" in deps[stage], stage
+            assert names.index("seqrec") < names.index("sft")
