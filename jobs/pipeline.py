@@ -469,6 +469,9 @@ def _start_head(cfg: PipelineConfig, console: Console, log_dir: Path):
     ray_worker.print_to_stdstream = to_log
     os.environ["RAY_ADDRESS"] = ctx.address_info["address"]
     console.line(f"[pipeline] local Ray cluster at {ctx.address_info['address']} ({num_cpus} logical CPUs)")
+    # ray.init installs its own SIGTERM handler (stack dump, then exit): a `kill` would then leave the
+    # stage running and skip the head's shutdown, so SIGTERM unwinds like Ctrl-C again
+    signal.signal(signal.SIGTERM, _interrupt)
     import ray
 
     return ray

@@ -381,3 +381,28 @@ def test_raising_grpo_steps_continues_from_the_checkpoint(run):
         rc, out, err, ran = run(*extra)
         assert rc == 0 and ran[0] == "grpo", (extra, out)
         assert any(line.startswith("grpo: run") and "clearing grpo/" in line for line in out.splitlines()), out
+
+
+def test_sigterm_unwinds_after_the_local_head_started(tmp_path):
+    """ray.init replaces the SIGTERM handler with one that dumps a stack and exits; the pipeline must
+    get it back, or `kill` skips stopping the running stage and the head."""
+    import subprocess
+
+    code = (
+        "import os, signal, time\n"
+        "from pathlib import Path\n"
+        "import jobs.pipeline as p\n"
+        "from mllmrec_ray.config import load_config\n"
+        "os.environ.pop('RAY_ADDRESS', None)\n"
+        "cfg = load_config('configs/quickstart.yaml', ['ray_num_cpus=1'])\n"
+        f"ray = p._start_head(cfg, p.Console(), Path({str(tmp_path)!r}))\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('unwound', flush=True)\n"
+        "finally:\n"
+        "    ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "unwound" in out.stdout, out.stdout + out.stderr
