@@ -53,7 +53,7 @@ def test_bad_value_is_one_error_line_and_nothing_is_written(tmp_path, capsys, ke
 
 
 # every sub-command that runs a stage, with its required arguments
-STAGES = {"textualize": ["--data", "d", "--out", "o"], "cot": ["--data", "d", "--stage1", "s"],
+STAGES = {"evidence": ["--data", "d"], "textualize": ["--data", "d", "--out", "o"], "cot": ["--data", "d", "--stage1", "s"],
           "mda": ["--data", "d", "--stage1", "s"], "sft": ["--data", "d"], "grpo": [],
           "eval": ["--data", "d", "--model", "m"], "serve": ["--data", "d", "--model", "m"], "pipeline": [],
           "data prepare": ["--dataset", "ml-100k", "--out", "o"], "baseline": ["--data", "d", "--model", "pop",

@@ -20,7 +20,7 @@ from mllmrec_ray import fingerprint as fp
 from mllmrec_ray.config import PipelineConfig, to_dict
 
 REPO = Path(__file__).resolve().parent.parent
-ALL = ["prepare", "pop", "sasrec", "random", "min-id", "collab", "textualize", "cot", "mda", "sft",
+ALL = ["prepare", "pop", "sasrec", "random", "min-id", "collab", "seqrec", "textualize", "cot", "mda", "sft",
        "grpo", "eval-base", "eval-sft", "eval-grpo", "report"]
 
 # ----------------------------------------------------------------------------- pure logic
@@ -71,11 +71,11 @@ def test_dependencies():
     assert deps["prepare"] == []
     assert deps["pop"] == ["prepare"] and deps["collab"] == ["prepare"]
     assert fp.dependencies(["prepare", "sasrec-full"], with_captions=False)["sasrec-full"] == ["prepare"]
-    assert deps["grpo"] == ["prepare", "textualize", "cot", "mda", "sft"]
-    assert deps["eval-base"] == ["prepare", "textualize"]
-    assert deps["eval-grpo"] == ["prepare", "textualize", "cot", "mda", "sft", "grpo"]
+    assert deps["grpo"] == ["prepare", "seqrec", "textualize", "cot", "mda", "sft"]
+    assert deps["eval-base"] == ["prepare", "seqrec", "textualize"]
+    assert deps["eval-grpo"] == ["prepare", "seqrec", "textualize", "cot", "mda", "sft", "grpo"]
     assert deps["report"] == ALL[:-1]
-    assert fp.dependencies(ALL, with_captions=False)["eval-base"] == ["prepare"]
+    assert fp.dependencies(ALL, with_captions=False)["eval-base"] == ["prepare", "seqrec"]
     # a stage the graph does not know depends on everything planned before it
     assert fp.dependencies(["prepare", "pop", "new"], with_captions=False)["new"] == ["prepare", "pop"]
 
@@ -233,7 +233,7 @@ def test_fresh_run_then_everything_current(run):
         assert not (run.run_dir / "fingerprints" / f"{name}.attempt.json").exists()
     grpo = json.loads((run.run_dir / "fingerprints" / "grpo.json").read_text())
     assert grpo["settings"]["config"]["grpo.lr"] == 1e-4 and set(grpo["upstream"]) == {
-        "prepare", "textualize", "cot", "mda", "sft"}
+        "prepare", "seqrec", "textualize", "cot", "mda", "sft"}
     assert str(run.tmp) not in json.dumps(grpo["settings"])  # paths of the run only locate outputs
     config = run.run_dir / "config.yaml"
     assert config.read_text().startswith("# Resolved config")
@@ -253,7 +253,7 @@ def test_changing_one_grpo_key_reruns_grpo_and_downstream_only(run):
     assert out.splitlines() == [
         "prepare: skip (up to date)", "pop: skip (up to date)", "sasrec: skip (up to date)",
         "random: skip (up to date)", "min-id: skip (up to date)",
-        "collab: skip (up to date)", "textualize: skip (up to date)", "cot: skip (up to date)",
+        "collab: skip (up to date)", "seqrec: skip (up to date)", "textualize: skip (up to date)", "cot: skip (up to date)",
         "mda: skip (up to date)", "sft: skip (up to date)",
         "grpo: run (settings changed: grpo.lr 0.0001 -> 5e-05)",
         "eval-base: skip (up to date)", "eval-sft: skip (up to date)",
