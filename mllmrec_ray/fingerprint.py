@@ -259,13 +259,20 @@ def make_record(attempt: dict, seconds: float | None = None) -> dict:
             **({"seconds": round(seconds, 1)} if seconds is not None else {})}
 
 
+# Boolean switches added after runs were recorded, at the value that reproduces those runs: left out
+# of the comparison like a key at None, so an old record still matches a config that leaves them off.
+OFF_VALUES: dict[str, Any] = {"prompt.collab_seq": False}
+
+
 def comparable(settings: dict | None, stage: str) -> dict:
-    """Settings as compared: config keys at None left out (an optional feature left off, as before the
-    key existed) and keys the stage no longer reads dropped, so a record made before a key was added,
-    or before one was declared irrelevant (checkpoint cadence), still matches."""
+    """Settings as compared: config keys at None (or at their OFF_VALUES value) left out (an optional
+    feature left off, as before the key existed) and keys the stage no longer reads dropped, so a
+    record made before a key was added, or before one was declared irrelevant (checkpoint cadence),
+    still matches."""
     settings = settings or {}
     config = settings.get("config") or {}
-    return {**settings, "config": {k: v for k, v in config.items() if v is not None and _read_by(stage, k)}}
+    return {**settings, "config": {k: v for k, v in config.items() if v is not None and _read_by(stage, k)
+                                   and not (k in OFF_VALUES and v == OFF_VALUES[k])}}
 
 
 # Keys a resumable stage may raise and still continue from its checkpoint: GRPO's learning rate is

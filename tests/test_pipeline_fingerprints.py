@@ -406,3 +406,10 @@ def test_sigterm_unwinds_after_the_local_head_started(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "unwound" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_switch_added_later_left_off_still_matches_old_records():
+    old = {"argv": [], "config": {"grpo.lr": 1e-4}}
+    for value, same in ((False, True), (None, True), (True, False)):
+        new = {"argv": [], "config": {"grpo.lr": 1e-4, "prompt.collab_seq": value}}
+        assert (fp.comparable(old, "sft") == fp.comparable(new, "sft")) is same, value
