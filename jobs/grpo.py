@@ -219,6 +219,7 @@ class Controller:
     def run(self, resume: bool = False) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
+        from mllmrec_ray.io import drop_steps_after
         from mllmrec_ray.rl.grpo import logprob_gap
 
         g = self.g
@@ -234,6 +235,7 @@ class Controller:
                 self.sync()
         writer = SummaryWriter(str(self.out_dir))
         metrics_path = self.out_dir / "metrics.jsonl"
+        drop_steps_after(metrics_path, step)  # rows logged past the checkpoint are redone now
         first = None
         while step < g.steps:
             t0 = time.perf_counter()

@@ -120,16 +120,12 @@ def prepare_work_dir(work_dir: Path, fingerprint: str, force: bool = False) -> t
     """(checkpoint to resume from or None, what was decided). A checkpoint is resumed only when its
     fingerprint is this run's; otherwise the work dir's earlier checkpoints, metrics and events are
     cleared so the curves of another attempt do not mix with this one's."""
-    from mllmrec_ray.io import atomic_write_text
+    from mllmrec_ray.io import drop_steps_after
 
     work_dir = Path(work_dir)
     meta = latest_checkpoint(work_dir)
     if meta is not None and not force and meta["fingerprint"] == fingerprint:
-        metrics = work_dir / "metrics.jsonl"
-        if metrics.exists():  # rows past the checkpoint are redone: drop them
-            rows = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= meta["step"]]
-            atomic_write_text(metrics, "".join(r + "\n" for r in rows))
+        drop_steps_after(work_dir / "metrics.jsonl", meta["step"])  # rows past the checkpoint are redone
         return meta, f"resuming from step {meta['step']} ({meta['path']}, same fingerprint)"
     if meta is None:
         reason = "no checkpoint: starting at step 0"

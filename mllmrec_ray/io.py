@@ -55,6 +55,17 @@ def atomic_write_parquet(table, path: str | os.PathLike) -> Path:
     return path
 
 
+def drop_steps_after(path: str | os.PathLike, step: int) -> None:
+    """Keep the rows of a metrics.jsonl with `step` <= `step` (a resumed run redoes the rest)."""
+    import json
+
+    path = Path(path)
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
