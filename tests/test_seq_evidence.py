@@ -53,7 +53,7 @@ def test_ranks_follow_the_models_ranking_and_survive_a_round_trip(fitted, tmp_pa
     assert ev.ranks(["unknown"], cands, None) == [0] * len(cands)
     path = tmp_path / "ev.pt"
     torch.save(ev.state(), path)
-    back = SeqEvidence.from_state(torch.load(path, weights_only=False))
+    back = SeqEvidence.from_state(torch.load(path, weights_only=True))
     train_row = samples[samples.split == "train"].iloc[0]
     for user, h, c in ((s.user_id, hist, cands), (train_row.user_id, list(map(str, train_row.history)),
                                                    list(map(str, train_row.candidates)))):
