@@ -114,7 +114,8 @@ def load_seq_evidence(data_dir: str | os.PathLike):
     if not path.exists():
         raise FileNotFoundError(f"{path}: prompt.collab_seq is on but the sequence-model evidence is missing; "
                                 f"run `mllmrec evidence --data {data_dir}` (the pipeline's seqrec stage)")
-    return SeqEvidence.from_state(torch.load(path, map_location="cpu", weights_only=True))  # tensors and plain data only
+    # tensors and plain data only: nothing in the file can run code on load
+    return SeqEvidence.from_state(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def candidate_column(n_candidates: int) -> str:
