@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import io
+
     import pyarrow.parquet as pq
     import torch
 
@@ -29,9 +31,9 @@ def main(args: argparse.Namespace) -> int:
     from mllmrec_ray.data.run_data import SEQ_EVIDENCE, load_samples
     from mllmrec_ray.data.seq_evidence import fit_seq_evidence
     from mllmrec_ray.data.windows import training_sequences
+    from mllmrec_ray.io import atomic_write_bytes
 
-    cfg = stage_config(args)
-    seed = cfg.data.seed if args.seed is None else args.seed
+    seed = stage_config(args, flags={"seed": "data.seed"}).data.seed
     data = Path(args.data)
     if args.folds < 2:
         raise CommandError(f"--folds {args.folds}: need >= 2 (a fold model must leave its users out)")
@@ -49,10 +51,9 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     evidence = fit_seq_evidence(sequences, item_ids, early, folds=args.folds, seed=seed, epochs=args.epochs,
                                 log=lambda line: print(line, flush=True))
-    out = data / SEQ_EVIDENCE
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(evidence.state(), tmp)
-    tmp.replace(out)
+    buf = io.BytesIO()
+    torch.save(evidence.state(), buf)
+    out = atomic_write_bytes(data / SEQ_EVIDENCE, buf.getvalue())
     print(f"[seqrec] wrote {out} ({time.perf_counter() - t0:.0f} s; full model best epoch "
           f"{evidence.full.info.get('best_epoch')}, valid NDCG@5 {evidence.full.info.get('best_valid_NDCG@5')})",
           flush=True)

@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 from mllmrec_ray.config import ConfigError, PipelineConfig, load_config, to_dict
+from mllmrec_ray.data.run_data import SEQ_EVIDENCE
 from mllmrec_ray.io import atomic_write_json, atomic_write_text
 
 # the marker a merged model dir gets last (mllmrec_ray.runtime.policy.MERGED_MARKER; kept import-free here)
 SFT_DONE = "mllmrec_complete.json"
-SEQ_EVIDENCE = "seq_evidence.pt"  # mllmrec_ray.data.run_data.SEQ_EVIDENCE
 
 
 def plan(cfg: PipelineConfig, config_path: Path, run_dir: Path) -> list[tuple[str, list[str], Path | None]]:

@@ -115,3 +115,22 @@ def test_pipeline_trains_the_evidence_before_every_prompt_builder(tmp_path):
             for stage in ("sft", "grpo", "eval-base", "eval-sft", "eval-grpo"):
                 assert "seqrec" in deps[stage], stage
             assert names.index("seqrec") < names.index("sft")
+
+
+def test_evidence_command_writes_a_loadable_file_and_names_bad_folds(tmp_path, capsys):
+    from jobs.cli import main
+    from mllmrec_ray.data.run_data import load_seq_evidence
+
+    items, inter, samples = _protocol()
+    data = tmp_path / "data"
+    data.mkdir()
+    samples.to_parquet(data / "samples.parquet")
+    items.to_parquet(data / "items.parquet")
+    inter.to_parquet(data / "interactions.parquet")
+    assert main(["evidence", "--data", str(data), "--folds", "1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --folds 1: need >= 2")
+    assert main(["evidence", "--data", str(data), "--epochs", "1", "--seed", "3"]) == 0
+    assert sorted(p.name for p in data.iterdir()) == sorted(
+        ["samples.parquet", "items.parquet", "interactions.parquet", SEQ_EVIDENCE])  # no temp file left
+    ev = load_seq_evidence(data)
+    assert set(ev.fold_of) == set(samples[samples.split == "train"].user_id) and len(ev.folds) == 2
