@@ -117,6 +117,21 @@ def test_judge_prompt_and_schema():
     assert set(P.JUDGE_SCHEMA["required"]) == set(P.JUDGE_DIMENSIONS)
 
 
+@pytest.mark.parametrize("evidence,ok", [("The user likes dark crime films.", True), ("Step one names the genre", True),
+                                         ("5: 5: 5: 5: 5: 5:", False), ("...", False), ("x" * 80, False),
+                                         ("The user " + "a" * 70, False)])
+def test_guided_judge_evidence_is_what_the_parser_accepts(evidence, ok):
+    """The grammar's evidence pattern admits only strings `parse_judge` accepts (a guided reply is valid on
+    the first try) and keeps them short (a 135M judge otherwise filled 240 characters with "5: 5:")."""
+    import re
+
+    pattern = P.JUDGE_SCHEMA["properties"]["leakage_risk"]["properties"]["evidence"]["pattern"]
+    assert bool(re.fullmatch(pattern.strip("^$"), evidence)) is ok
+    if ok:
+        reply = json.dumps({d: {"score": 2, "evidence": evidence} for d in P.JUDGE_DIMENSIONS})
+        assert P.parse_judge(reply)["signal_density"] == {"score": 2, "evidence": evidence}
+
+
 @pytest.mark.parametrize("text,target,title,cands,clean_has,n_min", [
     ("Next they will watch Heat (1995), like [ITEM_12].", "12", "Heat", ["12", "40"], "Next they will watch", 2),
     ("Probably The Godfather or GODFATHER again.", "3", "Godfather, The", ["3"], "Probably", 2),

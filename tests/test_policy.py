@@ -180,3 +180,22 @@ def test_fp32_save_keeps_an_update_that_bf16_rounds_away(tiny, tmp_path):
         assert (out / "adapter" / "adapter_config.json").exists()
     with pytest.raises(ValueError):
         save_merged(model, load_tokenizer(tiny), tmp_path / "x", dtype="float16")
+
+
+def test_scoring_from_the_adapter_matches_the_merged_model(tiny, tmp_path):
+    """`mllmrec eval --weights adapter` (the GRPO model's evaluation): base + unmerged adapter scores as
+    the fp32-merged model does, and in bf16 the adapter runs in bf16 (no fp32 casts of activations)."""
+    from mllmrec_ray.ranking.scoring import HFScorer
+
+    model = build_policy(tiny, LoraConfig(r=4, alpha=8, dropout=0.0)).eval()
+    _randomise_lora_b(model, seed=3)
+    save_merged(model, load_tokenizer(tiny), tmp_path / "m", base_dir=tiny)
+    prompts, answers = [[3, 4, 5, 6], [7, 8, 9]], [[[10, 11], [12]], [[13], [14, 15, 16]]]
+    merged = HFScorer(str(tmp_path / "m"), dtype="float32").score(prompts, answers)
+    unmerged = HFScorer(str(tmp_path / "m"), dtype="float32", adapter=True).score(prompts, answers)
+    assert torch.allclose(torch.tensor(sum(unmerged, [])), torch.tensor(sum(merged, [])), atol=1e-4)
+    base = HFScorer(tiny, dtype="float32").score(prompts, answers)
+    assert not torch.allclose(torch.tensor(sum(base, [])), torch.tensor(sum(merged, [])), atol=1e-3)  # B != 0
+    bf16 = HFScorer(str(tmp_path / "m"), dtype="bfloat16", adapter=True)
+    assert {p.dtype for n, p in bf16.model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    assert torch.allclose(torch.tensor(sum(bf16.score(prompts, answers), [])), torch.tensor(sum(merged, [])), atol=0.1)

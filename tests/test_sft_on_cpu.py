@@ -58,15 +58,21 @@ def test_completion_only_labels_mask_exactly_the_prompt(tiny):
 
 
 def test_completion_loss_equals_the_models_own_loss_in_value_and_gradient(tiny):
-    """Vocabulary projection only at labelled positions: same loss and LoRA gradients as `labels=`."""
+    """Vocabulary projection only at labelled positions and no padding mask on right-padded rows: same
+    loss and LoRA gradients as the model's own `labels=` loss with the mask."""
     from mllmrec_ray.config import LoraConfig
     from mllmrec_ray.runtime.policy import build_policy
-    from mllmrec_ray.prompting.sft_data import completion_loss
+    from mllmrec_ray.prompting.sft_data import causal_only, completion_loss
 
     tok = load_tokenizer(tiny)
     texts = sft_texts(_samples(3), ITEMS, tok)
     exs = [tokenize_example(tok, t["prompt"], t["answer"] + " extra" * i, max_len=4096) for i, t in enumerate(texts)]
     batch = collate(exs, tok.pad_token_id)
+    # right-padded rows of different lengths: completion_loss runs without the padding mask,
+    # the model's own loss with it; both must agree
+    assert (batch["attention_mask"] == 0).any() and causal_only(batch["attention_mask"]) is None
+    left = batch["attention_mask"].flip(1)
+    assert causal_only(left) is left
     grads = []
     for fn in (lambda m: m(**batch).loss, lambda m: completion_loss(m, batch)):
         torch.manual_seed(0)

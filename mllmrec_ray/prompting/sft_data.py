@@ -86,6 +86,18 @@ def collate(examples: Sequence[Mapping], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def causal_only(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """None when every row is right-padded (real tokens first): the causal mask alone then keeps each
+    real token from seeing any padding, which sits after it, and attention runs its causal kernel.
+
+    With the explicit padding mask, sdpa on CPU took the masked path: 602 vs 736 tokens/s for a
+    bf16 LoRA SFT step of 4 x ~710 tokens on this box (DeepSpeed, 2 threads). Padded positions
+    compute garbage either way and carry no label. Any other mask is returned as it is.
+    """
+    right_padded = (attention_mask[:, 1:] <= attention_mask[:, :-1]).all() and bool(attention_mask[:, 0].all())
+    return None if right_padded else attention_mask
+
+
 def completion_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the labelled tokens, projecting to the vocabulary only where a label is.
 
@@ -99,7 +111,7 @@ def completion_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     keep = (labels[:, 1:] != IGNORE).any(0).nonzero()[:, 0]  # positions whose next token is labelled
     if len(keep) == 0:
         raise ValueError("a micro-batch with no labelled token")
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    logits = model(input_ids=batch["input_ids"], attention_mask=causal_only(batch["attention_mask"]),
                    logits_to_keep=keep).logits
     targets = labels[:, keep + 1]
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),

@@ -172,7 +172,10 @@ def load_with_adapter(model_dir: str, dtype):
     if not Path(base_path).exists():
         raise FileNotFoundError(f"{adapter}/adapter_config.json: base model {base_path} does not exist here")
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
-    return PeftModel.from_pretrained(base, str(adapter)).eval()
+    # The adapter in the scoring dtype: PEFT's default fp32 adapter casts every activation on the way
+    # (16 demo prompts: 8.5 s vs 6.9 s in bf16, merged bf16 4.9 s). B @ A x in bf16 is still exact to
+    # bf16's precision of the update itself, not of W + dW.
+    return PeftModel.from_pretrained(base, str(adapter), autocast_adapter_dtype=False).eval()
 
 
 class VLLMScorer:

@@ -21,7 +21,7 @@ from mllmrec_ray.prompting.prompts import UNTITLED, clean_text
 CAPTION_VERSION = "caption-v1"
 PSEUDO_VERSION = "pseudo-v1"
 REFINE_VERSION = "refine-v1"
-JUDGE_VERSION = "judge-v2"
+JUDGE_VERSION = "judge-v3"
 
 STEP_NAMES = {
     1: "Multimodal attributes",
@@ -204,13 +204,17 @@ Output Format (Strict JSON).
 Now Start Evaluating. Please score ONLY based on the following reasoning text:
 """
 
+# One short evidence sentence that starts with two words (what `parse_judge` requires). With a bare
+# 12-240 character string SmolLM2 wrote "5: 5: 5: ..." to the cap, ran into max_tokens 512 and was asked
+# again twice: an invalid audit that took 100 s of the demo's CoT stage for 2 rows.
+EVIDENCE_PATTERN = r"^[A-Z][a-z]+ [a-z]+[^\"\\]{0,60}$"
 JUDGE_SCHEMA = {
     "type": "object",
     "properties": {
         d: {
             "type": "object",
             "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 5},
-                           "evidence": {"type": "string", "minLength": 12, "maxLength": 240}},
+                           "evidence": {"type": "string", "pattern": EVIDENCE_PATTERN}},
             "required": ["score", "evidence"],
             "additionalProperties": False,
         }
