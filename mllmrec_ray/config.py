@@ -159,6 +159,9 @@ class PromptConfig:
         collab_levels shape it. collab_seq adds each candidate's rank under a SASRec next-item model
         trained on the same windows, cross-fitted so no training prompt shows a model that saw its user
         (`mllmrec_ray.data.seq_evidence`; the pipeline's seqrec stage trains it).
+    evidence_style: how that evidence is written per candidate: `words` "(popularity 3/5, follows
+        recent 0/4, next-item rank 1/10)" (25 tokens) or `short` "(pop 3, fol 0, rank 1)" (13 tokens),
+        each explained once in a legend above the candidates.
     """
 
     with_captions: Bool = True
@@ -169,6 +172,7 @@ class PromptConfig:
     collab_recent: PosInt = 3
     collab_levels: Annotated[Int, Field(ge=2)] = 5
     collab_seq: Bool = False
+    evidence_style: Literal["words", "short"] = "words"
 
 
 @dataclass(config=_PYDANTIC)

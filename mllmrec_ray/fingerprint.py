@@ -259,9 +259,9 @@ def make_record(attempt: dict, seconds: float | None = None) -> dict:
             **({"seconds": round(seconds, 1)} if seconds is not None else {})}
 
 
-# Boolean switches added after runs were recorded, at the value that reproduces those runs: left out
+# Switches added after runs were recorded, at the value that reproduces those runs: left out
 # of the comparison like a key at None, so an old record still matches a config that leaves them off.
-OFF_VALUES: dict[str, Any] = {"prompt.collab_seq": False}
+OFF_VALUES: dict[str, Any] = {"prompt.collab_seq": False, "prompt.evidence_style": "words"}
 
 
 def comparable(settings: dict | None, stage: str) -> dict:

@@ -8,7 +8,8 @@ from mllmrec_ray.data.collab import fit_collab, rank_by_evidence
 from mllmrec_ray.config import PromptConfig
 from mllmrec_ray.data.protocol import build_samples
 from mllmrec_ray.data.windows import training_sequences
-from mllmrec_ray.prompting.prompts import COLLAB_LEGEND, sample_messages
+from mllmrec_ray.data.collab import COLLAB_LEGEND
+from mllmrec_ray.prompting.prompts import sample_messages
 from mllmrec_ray.data.run_data import load_collab
 
 CATALOGUE = [str(i) for i in range(1, 9)]
@@ -122,3 +123,12 @@ def test_served_prompt_equals_the_evaluated_prompt():
                    "candidates": s["candidates"]}
         assert prompt_messages(s["history"], s["candidates"], item_rows, False, False, st) == \
             sample_messages(visible, item_rows, collab=st)
+
+
+def test_evidence_needs_its_legend():
+    from mllmrec_ray.prompting.prompts import build_messages
+
+    hist, cands = [{"item_id": "1", "title": "A"}], [{"item_id": "2", "title": "B"}]
+    with pytest.raises(ValueError, match="legend"):
+        build_messages(hist, cands, evidence=["(pop 3, fol 0):"])
+    assert "Legend X" in build_messages(hist, cands, evidence=["(pop 3, fol 0):"], legend="Legend X")[1]["content"]

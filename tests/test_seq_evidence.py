@@ -8,7 +8,8 @@ from mllmrec_ray.data.collab import fit_collab
 from mllmrec_ray.data.run_data import SEQ_EVIDENCE, load_collab
 from mllmrec_ray.data.seq_evidence import SeqEvidence, fit_seq_evidence
 from mllmrec_ray.data.windows import training_sequences
-from mllmrec_ray.prompting.prompts import SEQ_LEGEND, sample_messages
+from mllmrec_ray.data.collab import SEQ_LEGEND
+from mllmrec_ray.prompting.prompts import sample_messages
 from test_collab import _protocol
 
 TINY = dict(epochs=2, hidden=16, blocks=1, max_len=12, log=None)
@@ -83,6 +84,34 @@ def test_prompt_shows_the_rank_and_load_collab_names_a_missing_file(fitted, tmp_
     # the calibrated readout's prompt without history has no sequence evidence (nothing to condition on)
     no_hist = sample_messages(visible, item_rows, collab=st, without_history=True)[1]["content"]
     assert "next-item rank" not in no_hist and SEQ_LEGEND.strip() not in no_hist
+
+
+def test_short_evidence_style_writes_the_same_levels_and_ranks_in_fewer_tokens(fitted, tmp_path):
+    """prompt.evidence_style: short: "(pop p, fol f, rank r):" carries exactly the words style's numbers,
+    its legend names the scales, and a prompt with no history shows no rank (nor its legend)."""
+    import re
+
+    items, samples, seqs, ev = fitted
+    data = tmp_path / "data"
+    data.mkdir()
+    samples.to_parquet(data / "samples.parquet")
+    items.to_parquet(data / "items.parquet")
+    torch.save(ev.state(), data / SEQ_EVIDENCE)
+    words = load_collab(data, PromptConfig(collab=True, collab_seq=True))
+    short = load_collab(data, PromptConfig(collab=True, collab_seq=True, evidence_style="short"))
+    assert (words.style, short.style) == ("words", "short")
+    item_rows = {r["item_id"]: r for r in items.to_dict("records")}
+    for s in samples[samples.split == "test"].to_dict("records")[:3]:
+        visible = {k: v for k, v in s.items() if k != "target"}
+        w = sample_messages(visible, item_rows, collab=words)[1]["content"]
+        t = sample_messages(visible, item_rows, collab=short)[1]["content"]
+        w_nums = re.findall(r"^\(popularity (\d)/5, follows recent (\d)/4, next-item rank (\d+)/10\): (.*)$", w, re.M)
+        t_nums = re.findall(r"^\(pop (\d), fol (\d), rank (\d+)\): (.*)$", t, re.M)
+        assert len(w_nums) == 10 and t_nums == w_nums
+        assert "pop = how popular it is (1-5)" in t and "rank = where a sequence model" in t and "(1-10, 1 = most likely)" in t
+        assert len(t) < len(w) - 200
+        no_hist = sample_messages(visible, item_rows, collab=short, without_history=True)[1]["content"]
+        assert ", rank " not in no_hist and "rank =" not in no_hist and "(pop " in no_hist
 
 
 def test_fold_count_is_checked():

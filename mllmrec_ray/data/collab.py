@@ -24,6 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+COLLAB_LEGEND = (
+    "Evidence from other users: how popular each candidate is, and how many users watched it "
+    "soon after the last items this user watched (higher means more likely)."
+)
+SEQ_LEGEND = " Next-item rank: where a sequence model trained on other users places it (1 = most likely)."
+
 
 @dataclass
 class CollabStats:
@@ -38,6 +44,7 @@ class CollabStats:
     recent: int = 3
     levels: int = 5
     seq: "object | None" = None     # `SeqEvidence` (prompt.collab_seq): adds each candidate's next-item rank
+    style: str = "words"            # prompt.evidence_style: "words" or "short" (see `texts`)
 
     def counts(self, history: Sequence[str], candidates: Sequence[str],
                user: str | None = None) -> list[tuple[int, int]]:
@@ -67,14 +74,29 @@ class CollabStats:
         return out
 
     def texts(self, history: Sequence[str], candidates: Sequence[str], user: str | None = None) -> list[str]:
-        """The evidence line appended to each candidate in the prompt."""
-        texts = [f"popularity {p}/{self.levels}, follows recent {f}/{self.levels - 1}"
+        """The evidence written before each candidate in the prompt: `words` "(popularity 3/5, follows
+        recent 0/4, next-item rank 1/10):", `short` "(pop 3, fol 0, rank 1):" (half the tokens; the
+        scales are in `legend`)."""
+        short = self.style == "short"
+        texts = [f"pop {p}, fol {f}" if short else f"popularity {p}/{self.levels}, follows recent {f}/{self.levels - 1}"
                  for p, f in self.levels_of(self.counts(history, candidates, user))]
         if self.seq is not None:
             n = len(candidates)
-            texts = [f"{t}, next-item rank {r}/{n}" if r else t
+            texts = [(f"{t}, rank {r}" if short else f"{t}, next-item rank {r}/{n}") if r else t
                      for t, r in zip(texts, self.seq.ranks(history, candidates, user))]
         return [f"({t}):" for t in texts]
+
+    def legend(self, texts: Sequence[str]) -> str:
+        """The line above the candidates that says what `texts` (this prompt's evidence) mean; the
+        rank part only when a rank is shown (an empty history has none)."""
+        if self.style != "short":
+            return COLLAB_LEGEND + (SEQ_LEGEND if any("next-item rank" in t for t in texts) else "")
+        text = (f"Evidence from other users per candidate: pop = how popular it is (1-{self.levels}), fol = how "
+                f"many users watched it soon after this user's last items (0-{self.levels - 1}); higher means "
+                f"more likely.")
+        if any(", rank " in t for t in texts):
+            text += f" rank = where a sequence model trained on other users places it (1-{len(texts)}, 1 = most likely)."
+        return text
 
 
 def fit_collab(sequences: Mapping[str, Sequence[str]], catalogue: Sequence[str], window: int = 3,

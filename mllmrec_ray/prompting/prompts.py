@@ -27,13 +27,6 @@ _TAG_CHARS = str.maketrans({"[": "(", "]": ")", "<": "(", ">": ")"})
 _WS = re.compile(r"\s+")
 
 
-COLLAB_LEGEND = (
-    "Evidence from other users: how popular each candidate is, and how many users watched it "
-    "soon after the last items this user watched (higher means more likely)."
-)
-SEQ_LEGEND = " Next-item rank: where a sequence model trained on other users places it (1 = most likely)."
-
-
 def clean_text(text: str | None) -> str | None:
     """One-line, tag-free rendering of untrusted text (titles, captions); None stays None."""
     if text is None:
@@ -72,6 +65,7 @@ def build_messages(
     think_first: bool = False,
     system: str | None = None,
     evidence: Sequence[str] | None = None,
+    legend: str | None = None,
 ) -> list[dict]:
     """Chat messages for one recommendation prompt.
 
@@ -79,7 +73,8 @@ def build_messages(
     The system message is the role statement (i); the user message holds (ii) the recently
     watched list, (iii) the candidate list, (iv) the reference reasoning when given and
     (v) the output constraint. No argument carries the target, so no prompt can reveal it.
-    evidence: one collaborative-evidence text per candidate (`mllmrec_ray.data.collab`), appended to its line.
+    evidence: one collaborative-evidence text per candidate (`mllmrec_ray.data.collab`), written before
+    its line; legend: what they mean (`CollabStats.legend`), one line above the candidates.
     """
     lines = ["The user recently watched these items (oldest first):"]
     for n, it in enumerate(history, 1):
@@ -92,7 +87,9 @@ def build_messages(
     if evidence is not None:
         if len(evidence) != len(candidates):
             raise ValueError(f"{len(evidence)} evidence texts for {len(candidates)} candidates")
-        lines += [COLLAB_LEGEND + (SEQ_LEGEND if any("next-item rank" in e for e in evidence) else "")]
+        if not legend:
+            raise ValueError("evidence without a legend: the prompt would not say what it means")
+        lines += [legend]
     lines += ["Candidate items:"]
     # Candidates carry no caption: the paper's prompt lists candidates by tag and title.
     cand_lines = [answer_text(str(it["item_id"]), it.get("title")) for it in candidates]
@@ -146,7 +143,8 @@ def sample_messages(
     cand_ids = _candidate_ids(sample, n_candidates)
     cands = [_item_dict(i, items) for i in cand_ids]
     evidence = None if collab is None else collab.texts(history_ids, cand_ids, sample.get("user_id"))
-    return build_messages(history, cands, reasoning, with_captions, think_first, evidence=evidence)
+    return build_messages(history, cands, reasoning, with_captions, think_first, evidence=evidence,
+                          legend=None if collab is None else collab.legend(evidence))
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:

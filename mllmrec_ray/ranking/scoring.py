@@ -85,22 +85,26 @@ class HFScorer:
         return out
 
     def _score_batch(self, prompts: list[list[int]], answers: list[list[list[int]]]) -> list[list[float]]:
-        """One left-padded forward over the prompts (every row then ends at the same column, whose
-        logits predict each answer's first token), then the answers in packed forwards over the cache.
+        """One right-padded forward over the prompts (each row's last real position predicts its
+        answers' first tokens), then the answers in packed forwards over the cache.
 
         Measured on 2 cores, bf16, 590-token prompts: batching 8 prompts cut the prompt forward from
         0.37 to 0.29 s per prompt, and one packed answer forward for 8 prompts costs about what one
         prompt's did (small matmuls are bound by reading the weights).
         """
         torch = self.torch
-        width = max(len(p) for p in prompts)
-        real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])
-        # only the last position's logits are needed: a full-vocabulary projection at every
-        # prompt position was ~25% of the forward (0.25 s -> 0.19 s on a 560-token prompt)
-        res = self.model(ids, attention_mask=real, position_ids=(real.cumsum(1) - 1).clamp(min=0),
-                         use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(res.logits[:, -1].float(), -1)
+        lens = [len(p) for p in prompts]
+        width = max(lens)
+        real = torch.tensor([[1] * n + [0] * (width - n) for n in lens])
+        ids = torch.tensor([p + [self.pad] * (width - len(p)) for p in prompts])
+        # Right padding follows every real token, so causal attention alone keeps it out and no mask
+        # is passed: sdpa runs its causal kernel (8 x ~700 tokens: 1.92 s vs 2.41 s left-padded with a
+        # mask). Logits only at each row's last prompt position: a full-vocabulary projection at
+        # every position was ~25% of the forward (0.25 s -> 0.19 s on a 560-token prompt).
+        last = sorted({n - 1 for n in lens})
+        res = self.model(ids, use_cache=True, logits_to_keep=torch.tensor(last))
+        col = torch.tensor([last.index(n - 1) for n in lens])
+        first = torch.log_softmax(res.logits[torch.arange(len(prompts)), col].float(), -1)
         scores = [[float(first[b, a[0]]) for a in ans] for b, ans in enumerate(answers)]
         cache = res.past_key_values
         for start in range(0, max(len(a) for a in answers), self.chunk):

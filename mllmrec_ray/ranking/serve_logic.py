@@ -200,7 +200,8 @@ def prompt_messages(history: Sequence[str], candidates: Sequence[str], items: Ma
 
     evidence = None if collab is None else collab.texts(list(history), list(candidates))
     return build_messages([as_dict(i) for i in history], [as_dict(i) for i in candidates],
-                          with_captions=with_captions, think_first=think_first, evidence=evidence)
+                          with_captions=with_captions, think_first=think_first, evidence=evidence,
+                          legend=None if collab is None else collab.legend(evidence))
 
 
 def answers(candidates: Sequence[str], items: Mapping[str, Mapping[str, Any]]) -> list[str]:
