@@ -65,31 +65,41 @@ class Learner(WeightSenderMixin):
                                                  enabled=self.cfg.zero_stage == 3)
 
     def _micro_batches(self, batch: list[dict]) -> list[tuple]:
-        """Per micro-batch: (row indices into `batch`, prompt_ids, responses, advantages [n]).
+        """Per micro-batch: (row indices into `batch`, prompts, responses per prompt, advantages [n]).
 
-        A micro-batch holds responses to one prompt (at most micro_batch_size of them), so the
-        prompt runs once and its KV cache is shared by the group (`group_logprobs`).
+        A micro-batch holds whole groups (every response to a prompt) up to micro_batch_size
+        responses; a larger group is split. Each prompt runs once and its responses are packed over
+        its KV cache (`group_logprobs`); rows follow the order prompt by prompt.
         """
         by_prompt: dict[tuple, list[int]] = {}
         for i, b in enumerate(batch):
             by_prompt.setdefault(tuple(b["prompt_ids"]), []).append(i)
         m, dev = self.cfg.micro_batch_size, self.ds_engine.device
-        out = []
-        for prompt, rows in by_prompt.items():
-            for k in range(0, len(rows), m):
-                idx = rows[k : k + m]
-                adv = torch.tensor([float(batch[i].get("advantage", 0.0)) for i in idx], dtype=torch.float32, device=dev)
-                out.append((idx, list(prompt), [list(batch[i]["response_ids"]) for i in idx], adv))
-        return out
+        chunks = [(prompt, rows[k : k + m]) for prompt, rows in by_prompt.items() for k in range(0, len(rows), m)]
+        out, cur = [], []
+        for prompt, rows in chunks:
+            if cur and sum(len(r) for _, r in cur) + len(rows) > m:
+                out.append(cur)
+                cur = []
+            cur.append((prompt, rows))
+        if cur:
+            out.append(cur)
+        result = []
+        for mb in out:
+            idx = [i for _, rows in mb for i in rows]
+            adv = torch.tensor([float(batch[i].get("advantage", 0.0)) for i in idx], dtype=torch.float32, device=dev)
+            result.append((idx, [list(p) for p, _ in mb],
+                           [[list(batch[i]["response_ids"]) for i in rows] for _, rows in mb], adv))
+        return result
 
-    def _logprobs(self, prompt: list[int], responses: list[list[int]], reference: bool = False):
+    def _logprobs(self, prompts: list[list[int]], responses: list[list[list[int]]], reference: bool = False):
         """(log-probs [n, C], mask [n, C]) under the policy, or the reference (adapter disabled, no grad),
         both at the sampling temperature."""
         t = self.cfg.temperature
         if not reference:
-            return group_logprobs(self.ds_engine, prompt, responses, self.tokenizer.pad_token_id, temperature=t)
+            return group_logprobs(self.ds_engine, prompts, responses, self.tokenizer.pad_token_id, temperature=t)
         with torch.no_grad(), self.ds_engine.module.disable_adapter():
-            return group_logprobs(self.ds_engine, prompt, responses, self.tokenizer.pad_token_id, temperature=t)
+            return group_logprobs(self.ds_engine, prompts, responses, self.tokenizer.pad_token_id, temperature=t)
 
     def _sampler_logp(self, batch: list[dict], idx: list[int], like: torch.Tensor) -> torch.Tensor | None:
         """[n, C] sampler log-probs of rows `idx` (NaN where missing), or None when no row has them."""
@@ -117,32 +127,33 @@ class Learner(WeightSenderMixin):
         cfg = self.cfg
         t0 = time.perf_counter()
         mbs = self._micro_batches(batch)
-        tokens = [float(sum(len(r) for r in resp)) for _, _, resp, _ in mbs]
+        tokens = [float(sum(len(r) for group in resp for r in group)) for _, _, resp, _ in mbs]
         if cfg.loss_agg == "token_mean":
             shares = list(tokens)
         else:
-            shares = [float(sum(len(r) > 0 for r in resp)) for _, _, resp, _ in mbs]
+            shares = [float(sum(len(r) > 0 for group in resp for r in group)) for _, _, resp, _ in mbs]
         total_share, total_tokens = max(sum(shares), 1.0), max(sum(tokens), 1.0)
-        ref = [self._logprobs(prompt, resp, reference=True)[0] if cfg.beta != 0 else None
-               for _, prompt, resp, _ in mbs]
+        ref = [self._logprobs(prompts, resp, reference=True)[0] if cfg.beta != 0 else None
+               for _, prompts, resp, _ in mbs]
         old = None
         if cfg.updates_per_step > 1:  # with a single update old == current, taken from the same forward
             with torch.no_grad():
-                old = [self._logprobs(prompt, resp)[0] for _, prompt, resp, _ in mbs]
+                old = [self._logprobs(prompts, resp)[0] for _, prompts, resp, _ in mbs]
         old_rows: list = [None] * len(batch)
         tis_sum, tis_n = 0.0, 0
 
         per_update = []
         for u in range(cfg.updates_per_step):
             agg = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
-            for k, (idx, prompt, resp, adv) in enumerate(mbs):
+            for k, (idx, prompts, resp, adv) in enumerate(mbs):
                 self.ds_engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
-                logp, rmask = self._logprobs(prompt, resp)
+                logp, rmask = self._logprobs(prompts, resp)
+                flat = [r for group in resp for r in group]
                 old_logp = logp.detach() if old is None else old[k]
                 weights = None
                 if u == 0:
                     for j, i in enumerate(idx):
-                        old_rows[i] = old_logp[j][: len(resp[j])].float().tolist()
+                        old_rows[i] = old_logp[j][: len(flat[j])].float().tolist()
                     if cfg.tis_cap is not None:
                         sampler = self._sampler_logp(batch, idx, old_logp)
                         if sampler is not None:
@@ -175,10 +186,10 @@ class Learner(WeightSenderMixin):
     def logprobs(self, batch: list[dict]) -> dict:
         """Per-response token log-probs under the policy and the reference (adapter disabled), in batch order."""
         out = {"logp": [None] * len(batch), "ref_logp": [None] * len(batch)}
-        for idx, prompt, resp, _ in self._micro_batches(batch):
+        for idx, prompts, resp, _ in self._micro_batches(batch):
             with torch.no_grad():
-                logp, mask = self._logprobs(prompt, resp)
-            ref, _ = self._logprobs(prompt, resp, reference=True)
+                logp, mask = self._logprobs(prompts, resp)
+            ref, _ = self._logprobs(prompts, resp, reference=True)
             for j, i in enumerate(idx):
                 sel = mask[j].bool()
                 out["logp"][i] = logp[j][sel].tolist()

@@ -234,8 +234,8 @@ class GRPOConfig:
     Schedule: steps, prompts_per_step, epochs over the train prompts, lr, inner updates per step;
         max_prompts caps the prompt pool (MDA-selected samples first, then a seeded random fill;
         sliding windows make tens of thousands of train samples).
-    Learner: micro_batch_size responses to one prompt per forward (the prompt runs once, its
-        KV cache shared by the group), zero_stage, bf16.
+    Learner: micro_batch_size responses per forward, whole groups together (each prompt runs once,
+        its responses packed over its KV cache), zero_stage, bf16.
     Scale: rollout_actors N vLLM actors with `rollout_resources`; one learner with
         `learner_resources`; weight_transport `auto` (object store on CPU, NCCL on GPU), `lora`
         (the adapter alone), or a named merged-weights transport.

@@ -130,3 +130,28 @@ def test_checkpoint_resume_gives_identical_next_step(cluster, tiny, tmp_path):
         assert ray.get(second.export_weights.remote()) == expected_weights
     finally:
         ray.kill(second)
+
+
+def test_packing_groups_into_one_forward_changes_nothing(cluster, tiny):
+    """micro_batch_size 8 puts both prompts' groups in one forward (responses packed over each prompt's
+    cache); micro_batch_size 1 runs one response per forward: same loss, same update, rows in batch order."""
+    from actors.learner import LearnerActor
+
+    batch = BATCH + [{"prompt_ids": PROMPT[:4], "response_ids": [44], "advantage": 0.5}]
+    results = []
+    for m in (8, 1):
+        cfg = GRPOConfig(lr=1e-2, micro_batch_size=m, bf16=False, beta=0.05)
+        learner = LearnerActor.options(num_cpus=1).remote(tiny, cfg, LoraConfig(r=8, alpha=16))
+        try:
+            stats = ray.get(learner.train_step.remote(batch))
+            results.append((stats, ray.get(learner.logprobs.remote(batch))))
+        finally:
+            ray.kill(learner)
+    (packed, after_packed), (single, after_single) = results
+    assert [len(r) for r in packed["old_logp"]] == [3, 2, 4, 1]
+    assert packed["loss"] == pytest.approx(single["loss"], abs=1e-6)
+    assert packed["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
+    for a, b in zip(packed["old_logp"], single["old_logp"]):
+        assert a == pytest.approx(b, abs=1e-5)
+    for a, b in zip(after_packed["logp"], after_single["logp"]):
+        assert a == pytest.approx(b, abs=1e-5)

@@ -54,26 +54,35 @@ def test_token_logprobs_match_manual_gather(tiny):
 
 
 def test_group_logprobs_equal_full_rows_in_value_and_gradient(tiny):
+    """Several prompts of different lengths in one call, their responses packed over the prompt cache
+    (empty and one-token responses included): the numbers and LoRA gradients of one full row each."""
     model = build_policy(tiny, LoraConfig(r=4, alpha=8, dropout=0.0)).eval()
     _randomise_lora_b(model)
-    prompt, responses = [3, 4, 5, 6, 7], [[9, 10, 11], [12], [13, 14, 15, 16]]
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [21, 22, 23, 24, 25, 26, 27, 28]]
+    responses = [[[9, 10, 11], [12], [13, 14, 15, 16]], [[30, 31], []], [[40, 41, 42, 43, 44, 45], [46]]]
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
 
-    ids, attn, rmask = pad_batch([prompt] * 3, responses, pad_id=0)
+    flat_p = [p for p, resp in zip(prompts, responses) for _ in resp]
+    flat_r = [r for resp in responses for r in resp]
+    ids, attn, rmask = pad_batch(flat_p, flat_r, pad_id=0)
     full = token_logprobs(model, ids, attn)
-    full_sum = (full * rmask).sum()
-    want_grads = torch.autograd.grad(full_sum, lora)
+    want_grads = torch.autograd.grad((full * rmask).sum(), lora)
 
-    shared, mask = group_logprobs(model, prompt, responses, pad_id=0)
-    assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
-    for i, r in enumerate(responses):  # the same per-token numbers, response by response
+    shared, mask = group_logprobs(model, prompts, responses, pad_id=0)
+    assert mask.shape == (7, 6) and mask.sum(1).tolist() == [len(r) for r in flat_r]
+    for i, r in enumerate(flat_r):  # the same per-token numbers, response by response
         assert torch.allclose(shared[i, : len(r)], full[i][rmask[i].bool()], atol=1e-5), i
     got_grads = torch.autograd.grad((shared * mask).sum(), lora)
-    for g_want, g_got in zip(want_grads, got_grads):  # and the same gradient through the shared prompt
+    for g_want, g_got in zip(want_grads, got_grads):  # and the same gradient through the shared prompts
         assert torch.allclose(g_got, g_want, atol=1e-5, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in got_grads)
+
+    one, one_mask = group_logprobs(model, [prompts[0]], [responses[0]], pad_id=0)  # one prompt alone
+    assert torch.allclose(one[one_mask.bool()], shared[:3][mask[:3].bool()], atol=1e-5)
     with pytest.raises(ValueError, match="empty prompt"):
-        group_logprobs(model, [], responses, pad_id=0)
+        group_logprobs(model, [[]], [responses[0]], pad_id=0)
+    with pytest.raises(ValueError, match="2 prompts but 1"):
+        group_logprobs(model, prompts[:2], responses[:1], pad_id=0)
 
 
 def test_merged_lora_state_equals_merge_and_unload(tiny):
@@ -138,7 +147,7 @@ def test_temperature_scales_logits_in_both_logprob_paths(tiny):
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
         want = torch.log_softmax(logits / 0.7, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         full = token_logprobs(model, ids, attn, temperature=0.7)
-        grp, gmask = group_logprobs(model, prompt, responses, pad_id=0, temperature=0.7)
+        grp, gmask = group_logprobs(model, [prompt], [responses], pad_id=0, temperature=0.7)
         plain = token_logprobs(model, ids, attn)
     assert torch.allclose(full[rmask.bool()], want[rmask.bool()], atol=1e-5)
     assert torch.allclose(grp[gmask.bool()], want[rmask.bool()], atol=1e-5)

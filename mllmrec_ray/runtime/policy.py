@@ -106,39 +106,88 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def group_logprobs(model, prompt_ids: list[int], responses: list[list[int]], pad_id: int,
+def group_logprobs(model, prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int,
                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of G responses to one prompt, running the prompt once (prefix sharing).
+    """Log-probs of the responses to one or more prompts in two forwards, each prompt run once.
 
-    `temperature` scales the logits as in `token_logprobs`.
+    `responses[b]` are the responses to `prompts[b]`; `temperature` scales the logits as in
+    `token_logprobs`. The prompts run right-padded in one batch without a mask (causal attention
+    alone keeps each real token from the padding after it, so sdpa takes its causal kernel). Each
+    prompt's responses are then packed into that prompt's row over its KV cache, a mask letting each
+    response token see its prompt's real tokens and the earlier tokens of its own response only:
+    no copy of the cache per response. Gradients flow back through the prompts. Same numbers as one
+    full row per response (`token_logprobs`) for ~G times fewer tokens. Measured on 2 cores (beside a
+    running SFT), a learner step of 4 prompts of ~700 tokens x G = 4: 7.8 s with the 4 groups in one
+    call, 13.6 s with one prompt per call and its cache repeated G times (the previous version).
 
-    The prompt's forward fills a KV cache that is repeated G times and extended by the
-    right-padded responses; gradients flow back through the shared prompt. With a
-    ~450-token prompt, G = 4 and ~32 response tokens, that is ~3x fewer tokens than G
-    full rows (`token_logprobs`), and the same numbers. Returns ([G, C] float32 log-prob of
-    each response token, [G, C] mask of real tokens), C = the longest response.
+    Returns ([N, C] float32 log-prob of each response token, [N, C] mask of real tokens): rows are
+    the responses in order (prompt 0's, then prompt 1's, ...), C = the longest response (at least 1).
     """
-    if not prompt_ids:
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} response lists")
+    if not prompts or any(not p for p in prompts):
         raise ValueError("empty prompt (the first response token needs a context)")
-    g, width, p = len(responses), max(max((len(r) for r in responses), default=0), 1), len(prompt_ids)
     dev = next(model.parameters()).device
-    resp = torch.full((g, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((g, width), dtype=torch.long)
-    for i, r in enumerate(responses):
-        resp[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    resp, mask = resp.to(dev), mask.to(dev)
-    prefix = model(input_ids=torch.tensor([prompt_ids], device=dev), use_cache=True, logits_to_keep=1)
-    cache = prefix.past_key_values
-    cache.batch_repeat_interleave(g)
-    attn = torch.cat([torch.ones((g, p), dtype=torch.long, device=dev), mask], dim=1)
-    positions = torch.arange(p, p + width, device=dev).expand(g, -1)
-    logits = model(input_ids=resp, attention_mask=attn, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=width).logits[:, :-1]
-    # Response token j is predicted at prompt position P-1 (j = 0) or response position j-1.
-    logits = scale_logits(torch.cat([prefix.logits[:, -1:].expand(g, -1, -1), logits], dim=1).float(), temperature)
-    logp = torch.gather(logits, -1, resp.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return logp, mask
+    n, lens = len(prompts), [len(p) for p in prompts]
+    width = max(lens)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    last = sorted({k - 1 for k in lens})  # logits only where a first response token is predicted
+    prefix = model(input_ids=ids.to(dev), use_cache=True, logits_to_keep=torch.tensor(last, device=dev))
+    first = prefix.logits[torch.arange(n), torch.tensor([last.index(k - 1) for k in lens])]  # [n, V]
+
+    # Row b of the packed forward: every response of prompt b but its last token (that one predicts nothing).
+    q = max(sum(max(len(r) - 1, 0) for r in resp) for resp in responses)
+    packed = None
+    if q > 0:
+        inputs = torch.full((n, q), pad_id, dtype=torch.long)
+        pos = torch.zeros((n, q), dtype=torch.long)
+        own = torch.full((n, q), -1, dtype=torch.long)  # which response a column belongs to; -1: padding
+        for b, resp in enumerate(responses):
+            at = 0
+            for k, r in enumerate(resp):
+                m = len(r) - 1
+                if m > 0:
+                    inputs[b, at : at + m] = torch.tensor(r[:-1], dtype=torch.long)
+                    pos[b, at : at + m] = torch.arange(lens[b], lens[b] + m)
+                    own[b, at : at + m] = k
+                    at += m
+        allowed = torch.zeros((n, q, width + q), dtype=torch.bool)
+        allowed[:, :, :width] = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None])[:, None, :]
+        allowed[:, :, width:] = ((own[:, :, None] == own[:, None, :]) & (own[:, :, None] >= 0)
+                                 & (pos[:, None, :] <= pos[:, :, None]))
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros((n, 1, q, width + q), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+        packed = model(input_ids=inputs.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                       past_key_values=prefix.past_key_values, use_cache=True).logits  # [n, q, V]
+
+    # Response token j is predicted at its prompt's last position (j = 0) or at its own token j-1.
+    # One index_select picks the real tokens' logits (per-response slices each cost a full-size zero
+    # gradient in the backward) and one fused cross-entropy gives their log-probs: a padded [N, C, V]
+    # tensor, slices and a separate logsumexp were ~1.5 s of a 4-prompt step here.
+    flat = [r for resp in responses for r in resp]
+    c = max(max((len(r) for r in flat), default=0), 1)
+    pick, targets, where = [], [], []
+    for b, resp in enumerate(responses):
+        at = 0
+        for r in resp:
+            pick += [b] + [n + b * q + at + j for j in range(len(r) - 1)] if r else []
+            at += max(len(r) - 1, 0)
+    for i, r in enumerate(flat):
+        targets += r
+        where += range(i * c, i * c + len(r))
+    real = torch.zeros((len(flat), c), dtype=torch.long, device=first.device)
+    logp = torch.zeros((len(flat), c), dtype=torch.float32, device=first.device)
+    if targets:
+        rows = first if packed is None else torch.cat([first, packed.flatten(0, 1)])
+        logits = scale_logits(rows.index_select(0, torch.tensor(pick, device=rows.device)).float(), temperature)
+        token_logp = -torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=logits.device),
+                                                        reduction="none")
+        index = torch.tensor(where, device=logits.device)
+        logp = logp.flatten().index_put((index,), token_logp).view(len(flat), c)
+        real.view(-1)[index] = 1
+    return logp, real
 
 
 def adapter_state(peft_model) -> dict[str, torch.Tensor]:
