@@ -100,6 +100,7 @@ def make_config(args, max_model_len: int):
     g.max_new_tokens, g.rollout_actors = args.max_new_tokens, args.rollout_actors
     g.temperature, g.top_p = TEMPERATURE, TOP_P
     g.checkpoint_every = 0  # checkpoints are not part of a training step
+    g.micro_batch_size = args.prompts_per_step * args.group_size  # the step's groups in one learner forward, as quickstart
     cfg.model.engine.max_model_len = max(cfg.model.engine.max_model_len, max_model_len)
     return cfg
 
