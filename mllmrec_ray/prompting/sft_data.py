@@ -94,7 +94,7 @@ def causal_only(attention_mask: torch.Tensor) -> torch.Tensor | None:
     bf16 LoRA SFT step of 4 x ~710 tokens on this box (DeepSpeed, 2 threads). Padded positions
     compute garbage either way and carry no label. Any other mask is returned as it is.
     """
-    right_padded = (attention_mask[:, 1:] <= attention_mask[:, :-1]).all() and bool(attention_mask[:, 0].all())
+    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()) and bool(attention_mask[:, 0].all())
     return None if right_padded else attention_mask
 
 
