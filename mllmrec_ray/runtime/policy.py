@@ -106,6 +106,35 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def packed_rows(lens: list[int], width: int, pieces: list[list[list[int]]], pad_id: int, dtype: torch.dtype):
+    """Row b packs the token lists `pieces[b]` after its prompt's KV cache (`lens[b]` real tokens of a
+    `width`-wide cache): (input ids [n, q], position ids [n, q], additive attention mask [n, 1, q, width + q]).
+
+    Each piece's tokens continue the prompt's positions and see the prompt's real tokens and their own
+    piece's earlier tokens only, so many continuations share one prompt without copying its cache.
+    Padding columns see their row's prompt (no empty softmax row). Used by the scorer (answers) and
+    the learner (responses).
+    """
+    n, q = len(pieces), max((sum(len(p) for p in row) for row in pieces), default=0)
+    inputs = torch.full((n, q), pad_id, dtype=torch.long)
+    pos = torch.zeros((n, q), dtype=torch.long)
+    own = torch.full((n, q), -1, dtype=torch.long)  # which piece a column belongs to; -1: padding
+    for b, row in enumerate(pieces):
+        at = 0
+        for k, piece in enumerate(row):
+            if piece:
+                inputs[b, at : at + len(piece)] = torch.tensor(piece, dtype=torch.long)
+                pos[b, at : at + len(piece)] = torch.arange(lens[b], lens[b] + len(piece))
+                own[b, at : at + len(piece)] = k
+                at += len(piece)
+    allowed = torch.zeros((n, q, width + q), dtype=torch.bool)
+    allowed[:, :, :width] = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None])[:, None, :]
+    allowed[:, :, width:] = ((own[:, :, None] == own[:, None, :]) & (own[:, :, None] >= 0)
+                             & (pos[:, None, :] <= pos[:, :, None]))
+    mask = torch.zeros((n, 1, q, width + q), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    return inputs, pos, mask
+
+
 def group_logprobs(model, prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int,
                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the responses to one or more prompts in two forwards, each prompt run once.
@@ -141,24 +170,8 @@ def group_logprobs(model, prompts: list[list[int]], responses: list[list[list[in
     q = max(sum(max(len(r) - 1, 0) for r in resp) for resp in responses)
     packed = None
     if q > 0:
-        inputs = torch.full((n, q), pad_id, dtype=torch.long)
-        pos = torch.zeros((n, q), dtype=torch.long)
-        own = torch.full((n, q), -1, dtype=torch.long)  # which response a column belongs to; -1: padding
-        for b, resp in enumerate(responses):
-            at = 0
-            for k, r in enumerate(resp):
-                m = len(r) - 1
-                if m > 0:
-                    inputs[b, at : at + m] = torch.tensor(r[:-1], dtype=torch.long)
-                    pos[b, at : at + m] = torch.arange(lens[b], lens[b] + m)
-                    own[b, at : at + m] = k
-                    at += m
-        allowed = torch.zeros((n, q, width + q), dtype=torch.bool)
-        allowed[:, :, :width] = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None])[:, None, :]
-        allowed[:, :, width:] = ((own[:, :, None] == own[:, None, :]) & (own[:, :, None] >= 0)
-                                 & (pos[:, None, :] <= pos[:, :, None]))
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros((n, 1, q, width + q), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+        inputs, pos, mask = packed_rows(lens, width, [[r[:-1] for r in resp] for resp in responses], pad_id,
+                                        next(model.parameters()).dtype)
         packed = model(input_ids=inputs.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                        past_key_values=prefix.past_key_values, use_cache=True).logits  # [n, q, V]
 
