@@ -2,6 +2,7 @@
 
 Usage: mllmrec baseline --data DIR --model pop|sasrec|random|min-id [--split test] [--candidates 10|100]
                         --out FILE.json [--seed N] [--epochs N] [--train-data windows|full] [--name NAME]
+                        [--from-evidence]
 
 pop and sasrec fit on the training samples' windows by default (the LLM's training
 data, SPEC section 1); `--train-data full` fits on every interaction of the training users.
@@ -49,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, default=170.0,
                         help="SASRec training time budget in seconds (0 = none); the record's "
                              "stopped_by says whether it cut training short")
+    parser.add_argument("--from-evidence", action="store_true",
+                        help="sasrec on windows: take the SASRec that `mllmrec evidence` trained on every training "
+                             "user (DATA/seq_evidence.pt, the model behind the prompt's ranks: same windows, "
+                             "seed and settings) instead of training it again")
 
 
 def resolve(args: argparse.Namespace) -> None:
@@ -72,10 +77,37 @@ def resolve(args: argparse.Namespace) -> None:
     args.collab = f"{p.collab_window},{p.collab_recent},{p.collab_levels}"
 
 
+def evidence_model(data: Path, windows: dict | None, item_ids: list[str]):
+    """The seqrec stage's SASRec on every training user, checked to be the model this command would
+    train: the same training users' windows and the same item table (the seed and settings are the
+    pipeline's, which passes both stages the same data.seed)."""
+    from jobs.common import CommandError
+    from mllmrec_ray.data.run_data import SEQ_EVIDENCE, load_seq_evidence
+
+    if windows is None:
+        raise CommandError("--from-evidence: the evidence models train on the windows; drop --train-data full")
+    try:
+        evidence = load_seq_evidence(data)
+    except FileNotFoundError as e:
+        raise CommandError(str(e)) from None
+    users = evidence.trained_on[0] if evidence.trained_on else None
+    if users != sorted(windows):
+        raise CommandError(f"{data / SEQ_EVIDENCE}: its full model was not trained on this data's "
+                           f"{len(windows)} training users; rerun `mllmrec evidence --data {data}`")
+    if sorted(evidence.full.index) != sorted(map(str, item_ids)):
+        raise CommandError(f"{data / SEQ_EVIDENCE}: its item table differs from {data}/items.parquet; "
+                           f"rerun `mllmrec evidence --data {data}`")
+    return evidence.full
+
+
 def main(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     resolve(args)  # before reading anything: a bad value stops here
+    if args.from_evidence and args.model != "sasrec":
+        from jobs.common import CommandError
+
+        raise CommandError(f"--from-evidence: only --model sasrec has an evidence model, not {args.model}")
 
     from mllmrec_ray.ranking.evaluation import (format_table, load_split, make_record, rankings_path, write_record,
                                         write_rankings)
@@ -135,20 +167,24 @@ def main(args: argparse.Namespace) -> int:
     else:
         from mllmrec_ray.baselines.sasrec import fit_sasrec
 
-        if windows is not None:
-            sequences = [windows[u] for u in sorted(windows)]
-        else:
-            train = interactions[interactions["user_id"].isin(train_users)]
-            # Stable sort keeps the file order for equal timestamps (ML-100K has many);
-            # groupby keeps that order within each user.
-            train = train.sort_values("timestamp", kind="stable")
-            sequences = train.groupby("user_id", sort=True)["item_id"].apply(list).tolist()
         item_ids = sorted(set(items["item_id"]) | set(interactions["item_id"]))
-        valid, _ = load_split(data, "valid", args.candidates)
-        ranker = fit_sasrec(sequences, item_ids,
-                            (valid["history"].tolist(), valid["candidates"].tolist(),
-                             valid["target"].tolist()),
-                            epochs=args.epochs, seed=args.seed, max_seconds=args.max_seconds)
+        if args.from_evidence:
+            ranker = evidence_model(data, windows, item_ids)
+            extra["from_evidence"] = True
+        else:
+            if windows is not None:
+                sequences = [windows[u] for u in sorted(windows)]
+            else:
+                train = interactions[interactions["user_id"].isin(train_users)]
+                # Stable sort keeps the file order for equal timestamps (ML-100K has many);
+                # groupby keeps that order within each user.
+                train = train.sort_values("timestamp", kind="stable")
+                sequences = train.groupby("user_id", sort=True)["item_id"].apply(list).tolist()
+            valid, _ = load_split(data, "valid", args.candidates)
+            ranker = fit_sasrec(sequences, item_ids,
+                                (valid["history"].tolist(), valid["candidates"].tolist(),
+                                 valid["target"].tolist()),
+                                epochs=args.epochs, seed=args.seed, max_seconds=args.max_seconds)
         rankings = ranker.rank(samples["history"].tolist(), samples["candidates"].tolist())
         extra.update(ranker.info)
     extra["seconds"] = round(time.perf_counter() - t0, 2)

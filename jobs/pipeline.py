@@ -57,11 +57,18 @@ def plan(cfg: PipelineConfig, config_path: Path, run_dir: Path) -> list[tuple[st
                      *(["--max-windows-per-user", str(d.max_windows_per_user)]
                        if d.max_windows_per_user is not None else [])], data / "manifest.json"),
     ]
+    seq = cfg.prompt.collab and cfg.prompt.collab_seq
+    if seq:
+        # the prompt's next-item ranks: cross-fitted SASRec models beside the data they were trained on
+        stages.append(("seqrec", ["evidence", "--data", str(data), "--seed", str(d.seed), *conf],
+                       data / SEQ_EVIDENCE))
     for baseline in ("pop", "sasrec"):
         if baseline in cfg.eval.models:
+            # the SASRec row on the shared windows is the evidence's model on every training user, not a retrain
+            reuse = ["--from-evidence"] if seq and baseline == "sasrec" else []
             stages.append((baseline, ["baseline", "--data", str(data), "--model", baseline, "--split", cfg.eval.split,
                                       "--candidates", str(cfg.prompt.n_candidates), "--seed", str(d.seed), "--max-seconds", "0",
-                                      "--out", str(evals / f"{baseline}.json")], evals / f"{baseline}.json"))
+                                      *reuse, "--out", str(evals / f"{baseline}.json")], evals / f"{baseline}.json"))
     if "sasrec-full" in cfg.eval.models:
         # the labelled extra row: SASRec on the training users' full sequences, not the shared windows
         stages.append(("sasrec-full", ["baseline", "--data", str(data), "--model", "sasrec", "--name", "sasrec-full",
@@ -81,10 +88,6 @@ def plan(cfg: PipelineConfig, config_path: Path, run_dir: Path) -> list[tuple[st
                                   "--candidates", str(cfg.prompt.n_candidates), "--seed", str(d.seed),
                                   "--collab", f"{pc.collab_window},{pc.collab_recent},{pc.collab_levels}",
                                   "--out", str(evals / "collab.json")], evals / "collab.json"))
-    if cfg.prompt.collab and cfg.prompt.collab_seq:
-        # the prompt's next-item ranks: cross-fitted SASRec models beside the data they were trained on
-        stages.append(("seqrec", ["evidence", "--data", str(data), "--seed", str(d.seed), *conf],
-                       data / SEQ_EVIDENCE))
     stages += [
         ("textualize", ["textualize", "--data", str(data), "--out", str(stage1), *conf], stage1 / "captions.parquet"),
         ("cot", ["cot", "--data", str(data), "--stage1", str(stage1), *conf], stage1 / "cot.parquet"),

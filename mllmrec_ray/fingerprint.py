@@ -68,7 +68,7 @@ _DEFAULT_READS: tuple[tuple[str, ...], tuple[str, ...]] = (("*",), ("serve", "ev
 DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "prepare": (),
     "pop": ("prepare",),
-    "sasrec": ("prepare",),
+    "sasrec": ("prepare", "seqrec"),  # with prompt.collab_seq it is the seqrec stage's full model
     "sasrec-full": ("prepare",),
     "random": ("prepare",),
     "min-id": ("prepare",),

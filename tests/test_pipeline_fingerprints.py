@@ -20,7 +20,7 @@ from mllmrec_ray import fingerprint as fp
 from mllmrec_ray.config import PipelineConfig, to_dict
 
 REPO = Path(__file__).resolve().parent.parent
-ALL = ["prepare", "pop", "sasrec", "random", "min-id", "collab", "seqrec", "textualize", "cot", "mda", "sft",
+ALL = ["prepare", "seqrec", "pop", "sasrec", "random", "min-id", "collab", "textualize", "cot", "mda", "sft",
        "grpo", "eval-base", "eval-sft", "eval-grpo", "report"]
 
 # ----------------------------------------------------------------------------- pure logic
@@ -251,9 +251,9 @@ def test_changing_one_grpo_key_reruns_grpo_and_downstream_only(run):
     rc, out, err, ran = run("--set", "grpo.lr=0.00005", "--dry-run")
     assert rc == 0 and ran == [] and tree(run.run_dir) == before  # --dry-run writes nothing
     assert out.splitlines() == [
-        "prepare: skip (up to date)", "pop: skip (up to date)", "sasrec: skip (up to date)",
-        "random: skip (up to date)", "min-id: skip (up to date)",
-        "collab: skip (up to date)", "seqrec: skip (up to date)", "textualize: skip (up to date)", "cot: skip (up to date)",
+        "prepare: skip (up to date)", "seqrec: skip (up to date)", "pop: skip (up to date)",
+        "sasrec: skip (up to date)", "random: skip (up to date)", "min-id: skip (up to date)",
+        "collab: skip (up to date)", "textualize: skip (up to date)", "cot: skip (up to date)",
         "mda: skip (up to date)", "sft: skip (up to date)",
         "grpo: run (settings changed: grpo.lr 0.0001 -> 5e-05)",
         "eval-base: skip (up to date)", "eval-sft: skip (up to date)",

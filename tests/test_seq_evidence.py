@@ -163,3 +163,52 @@ def test_evidence_command_writes_a_loadable_file_and_names_bad_folds(tmp_path, c
         ["samples.parquet", "items.parquet", "interactions.parquet", SEQ_EVIDENCE])  # no temp file left
     ev = load_seq_evidence(data)
     assert set(ev.fold_of) == set(samples[samples.split == "train"].user_id) and len(ev.folds) == 2
+
+
+def test_sasrec_row_reuses_the_evidence_model_and_it_is_the_model_a_retrain_gives(tmp_path, capsys):
+    """`baseline --model sasrec --from-evidence` ranks with the seqrec stage's full model; trained
+    again with the same seed and settings, SASRec gives the same rankings, so the row is unchanged
+    and the pipeline saves a training. Evidence for other users or another model is refused."""
+    import json
+    from pathlib import Path
+
+    from jobs.cli import main
+    from jobs.pipeline import plan
+    from mllmrec_ray import fingerprint as fp
+    from mllmrec_ray.config import load_config
+    from mllmrec_ray.ranking.evaluation import read_rankings, rankings_path
+
+    items, inter, samples = _protocol()
+    data = tmp_path / "data"
+    data.mkdir()
+    samples.to_parquet(data / "samples.parquet")
+    items.to_parquet(data / "items.parquet")
+    inter.to_parquet(data / "interactions.parquet")
+    common = ["--data", str(data), "--model", "sasrec", "--seed", "3", "--epochs", "2", "--max-seconds", "0"]
+    assert main(["baseline", *common, "--from-evidence", "--out", str(tmp_path / "x.json")]) == 2
+    assert "seq_evidence.pt" in capsys.readouterr().err  # no evidence yet: names the missing file
+    assert main(["evidence", "--data", str(data), "--epochs", "2", "--seed", "3"]) == 0
+    assert main(["baseline", *common, "--from-evidence", "--out", str(tmp_path / "reuse.json")]) == 0
+    assert main(["baseline", *common, "--out", str(tmp_path / "train.json")]) == 0
+    reused, trained = (read_rankings(rankings_path(tmp_path / f"{n}.json"))[1] for n in ("reuse", "train"))
+    assert reused == trained and len(reused) == (samples.split == "test").sum()
+    rec = json.loads((tmp_path / "reuse.json").read_text())
+    assert rec["from_evidence"] is True and rec["train_windows"] > 0
+    assert main(["baseline", *common[:3], "pop", "--from-evidence", "--out", str(tmp_path / "p.json")]) == 2
+    assert "only --model sasrec" in capsys.readouterr().err
+
+    # evidence trained on other training users is not this data's SASRec
+    fewer = samples[samples.user_id != samples[samples.split == "train"].user_id.iloc[0]]
+    fewer.to_parquet(data / "samples.parquet")
+    assert main(["baseline", *common, "--from-evidence", "--out", str(tmp_path / "y.json")]) == 2
+    assert "not trained on this data's" in capsys.readouterr().err
+
+    # the pipeline trains the evidence first and passes --from-evidence only when the prompt uses it
+    for on in (False, True):
+        cfg = load_config("configs/quickstart.yaml", [f"prompt.collab_seq={str(on).lower()}"])
+        stages = {name: argv for name, argv, _ in plan(cfg, Path("c.yaml"), tmp_path)}
+        assert ("--from-evidence" in stages["sasrec"]) is on
+        if on:
+            names = list(stages)
+            assert names.index("seqrec") < names.index("sasrec")
+            assert "seqrec" in fp.dependencies(names, with_captions=False)["sasrec"]
