@@ -91,13 +91,19 @@ def build_prompt_rows(tokenizer, data_dir: Path) -> list[dict]:
 
 
 def make_config(args, max_model_len: int):
-    from mllmrec_ray.config import PipelineConfig
+    from mllmrec_ray.config import PipelineConfig, load_config
 
     cfg = PipelineConfig(name="bench_grpo_vs_trl")
+    # this box's CPU resources as the quickstart sets them: the learner gets both cores as torch threads
+    # (the class default of 1 CPU would run it on one thread while TRL gets two)
+    box = load_config(ROOT / "configs" / "quickstart.yaml").grpo
+    cfg.grpo.rollout_resources, cfg.grpo.learner_resources = box.rollout_resources, box.learner_resources
     cfg.prompt.with_captions = False  # no Stage I in the benchmark: plain prompts on both sides
     g = cfg.grpo
     g.steps, g.prompts_per_step, g.group_size = args.steps, args.prompts_per_step, args.group_size
     g.max_new_tokens, g.rollout_actors = args.max_new_tokens, args.rollout_actors
+    if args.rollout_cpus is not None:
+        g.rollout_resources.num_cpus = args.rollout_cpus
     g.temperature, g.top_p = TEMPERATURE, TOP_P
     g.checkpoint_every = 0  # checkpoints are not part of a training step
     g.micro_batch_size = args.prompts_per_step * args.group_size  # the step's groups in one learner forward, as quickstart
@@ -293,6 +299,8 @@ def main() -> int:
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rollout-actors", type=int, default=2)
+    parser.add_argument("--rollout-cpus", type=float, default=None,
+                        help="CPUs (= torch threads) per rollout actor (default: GRPOConfig's rollout_resources)")
     parser.add_argument("--trl-fp32", action="store_true",
                         help="TRL in fp32 (its own default); by default it runs with bf16 autocast, as ours runs bf16")
     parser.add_argument("--skip-trl", action="store_true")
@@ -327,6 +335,7 @@ def main() -> int:
     results: dict = {"settings": {"model": model_path, "data": str(args.data), "prompts": n, "steps": args.steps,
                                   "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
                                   "max_new_tokens": args.max_new_tokens, "rollout_actors": args.rollout_actors,
+                                  "rollout_cpus": args.rollout_cpus,
                                   "cpu_count": os.cpu_count()}}
     with tempfile.TemporaryDirectory(prefix="grpo_vs_trl_") as tmp:
         work = Path(tmp)
