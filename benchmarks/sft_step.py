@@ -30,6 +30,38 @@ ELEMENTWISE = ("aten::mul", "aten::add", "aten::add_", "aten::copy_", "aten::pow
                "aten::neg", "aten::div", "aten::fill_", "aten::cat", "aten::rsqrt", "aten::mean", "aten::sum")
 
 
+def best(fn, repeats: int) -> float:
+    """Best wall time of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def profile_shares(run) -> dict[str, float]:
+    """Self-CPU-time shares of one call of `run` by operator group."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    parts = {"attention backward": 0.0, "attention forward": 0.0, "matmul": 0.0, "element-wise": 0.0, "other": 0.0}
+    for ev in prof.key_averages():
+        t = ev.self_cpu_time_total / 1e6
+        if "flash_attention" in ev.key:
+            parts["attention backward" if "backward" in ev.key else "attention forward"] += t
+        elif ev.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+            parts["matmul"] += t
+        elif ev.key in ELEMENTWISE:
+            parts["element-wise"] += t
+        else:
+            parts["other"] += t
+    total = sum(parts.values()) or 1.0
+    return {k: v / total for k, v in parts.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -42,7 +74,6 @@ def main() -> int:
                       WORLD_SIZE="1", LOCAL_RANK="0")
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.profiler import ProfilerActivity, profile
 
     from mllmrec_ray.config import load_config
     from mllmrec_ray.prompting.sft_data import IGNORE, completion_loss
@@ -59,17 +90,16 @@ def main() -> int:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     tokens = args.rows * args.tokens
 
-    ds_model = build_policy(model_path, cfg.model.lora, dtype=torch.bfloat16)
-    engine = deepspeed_engine(ds_model, zero_stage=cfg.sft.zero_stage, bf16=True, lr=cfg.sft.lr,
-                              micro_batch_size=args.rows, grad_accum=1)
+    engine = deepspeed_engine(build_policy(model_path, cfg.model.lora, dtype=torch.bfloat16),
+                              zero_stage=cfg.sft.zero_stage, bf16=True, lr=cfg.sft.lr, micro_batch_size=args.rows,
+                              grad_accum=1)
     engine.train()
     model = build_policy(model_path, cfg.model.lora, dtype=torch.bfloat16)
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.sft.lr)
 
     def deepspeed_step():
-        loss = completion_loss(engine, batch)
-        engine.backward(loss)
+        engine.backward(completion_loss(engine, batch))
         engine.step()
 
     def bare_step():
@@ -78,50 +108,21 @@ def main() -> int:
         opt.zero_grad()
 
     def attention(name: str):
-        model.config._attn_implementation = "eager" if name == "eager" else "sdpa"
         backends = [SDPBackend.MATH] if name == "sdpa-math" else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
         def run():
+            model.config._attn_implementation = "eager" if name == "eager" else "sdpa"
             with sdpa_kernel(backends):
                 completion_loss(model, batch).backward()
             model.zero_grad(set_to_none=True)
+            model.config._attn_implementation = "sdpa"
         return run
 
-    def best(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
     out: dict = {"model": model_path, "rows": args.rows, "tokens_per_row": args.tokens, "threads": torch.get_num_threads()}
-    steps = {"deepspeed": best(deepspeed_step), "bare": best(bare_step)}
-    out["step_s"] = steps
-    out["step_tok_s"] = {k: tokens / v for k, v in steps.items()}
-    fwd_bwd = {name: best(attention(name)) for name in ("sdpa", "sdpa-math", "eager")}
-    model.config._attn_implementation = "sdpa"
-    out["fwd_bwd_s_by_attention"] = fwd_bwd
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        attention("sdpa")()
-    total = 0.0
-    parts = {"attention backward": 0.0, "attention forward": 0.0, "matmul": 0.0, "element-wise": 0.0, "other": 0.0}
-    for ev in prof.key_averages():
-        t = ev.self_cpu_time_total / 1e6
-        total += t
-        if "flash_attention" in ev.key and "backward" in ev.key:
-            parts["attention backward"] += t
-        elif "flash_attention" in ev.key:
-            parts["attention forward"] += t
-        elif ev.key in ("aten::mm", "aten::addmm", "aten::bmm"):
-            parts["matmul"] += t
-        elif ev.key in ELEMENTWISE:
-            parts["element-wise"] += t
-        else:
-            parts["other"] += t
-    out["profile_share"] = {k: v / total for k, v in parts.items()}
+    steps = {"deepspeed": best(deepspeed_step, args.repeats), "bare": best(bare_step, args.repeats)}
+    fwd_bwd = {name: best(attention(name), args.repeats) for name in ("sdpa", "sdpa-math", "eager")}
+    out.update(step_s=steps, step_tok_s={k: tokens / v for k, v in steps.items()}, fwd_bwd_s_by_attention=fwd_bwd,
+               profile_share=profile_shares(attention("sdpa")))
 
     print(f"SFT micro-batch {args.rows} x {args.tokens} tokens, bf16, {out['threads']} threads, best of {args.repeats}")
     print(f"  step (fwd+bwd+optimizer): DeepSpeed {steps['deepspeed']:.2f} s ({out['step_tok_s']['deepspeed']:.0f} tok/s), "
