@@ -146,16 +146,22 @@ def test_pipeline_trains_the_evidence_before_every_prompt_builder(tmp_path):
             assert names.index("seqrec") < names.index("sft")
 
 
-def test_evidence_command_writes_a_loadable_file_and_names_bad_folds(tmp_path, capsys):
-    from jobs.cli import main
-    from mllmrec_ray.data.run_data import load_seq_evidence
-
+def _data_dir(tmp_path):
+    """A prepared data dir (samples, items, interactions) of the tiny protocol; returns (dir, samples)."""
     items, inter, samples = _protocol()
     data = tmp_path / "data"
     data.mkdir()
     samples.to_parquet(data / "samples.parquet")
     items.to_parquet(data / "items.parquet")
     inter.to_parquet(data / "interactions.parquet")
+    return data, samples
+
+
+def test_evidence_command_writes_a_loadable_file_and_names_bad_folds(tmp_path, capsys):
+    from jobs.cli import main
+    from mllmrec_ray.data.run_data import load_seq_evidence
+
+    data, samples = _data_dir(tmp_path)
     assert main(["evidence", "--data", str(data), "--folds", "1"]) == 2
     assert capsys.readouterr().err.startswith("error: --folds 1: need >= 2")
     assert main(["evidence", "--data", str(data), "--epochs", "1", "--seed", "3"]) == 0
@@ -178,12 +184,7 @@ def test_sasrec_row_reuses_the_evidence_model_and_it_is_the_model_a_retrain_give
     from mllmrec_ray.config import load_config
     from mllmrec_ray.ranking.evaluation import read_rankings, rankings_path
 
-    items, inter, samples = _protocol()
-    data = tmp_path / "data"
-    data.mkdir()
-    samples.to_parquet(data / "samples.parquet")
-    items.to_parquet(data / "items.parquet")
-    inter.to_parquet(data / "interactions.parquet")
+    data, samples = _data_dir(tmp_path)
     common = ["--data", str(data), "--model", "sasrec", "--seed", "3", "--epochs", "2", "--max-seconds", "0"]
     assert main(["baseline", *common, "--from-evidence", "--out", str(tmp_path / "x.json")]) == 2
     assert "seq_evidence.pt" in capsys.readouterr().err  # no evidence yet: names the missing file
