@@ -259,7 +259,8 @@ class RankerCore:
 
     def _messages(self, row: dict, without_history: bool = False) -> list[dict]:
         return prompt_messages([] if without_history else row["history"], row["candidates"], self.items,
-                               self.prompt.with_captions, self.prompt.think_first, self.collab)
+                               self.prompt.with_captions, self.prompt.think_first, self.collab,
+                               compact=self.prompt.instructions == "compact")
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -154,7 +154,8 @@ def main() -> int:
         visible = {k: row[k] for k in ("sample_id", "user_id", "history", "candidates")}
         cands = [str(c) for c in row["candidates"]]
         extra, ans = readout_tokens(tok, cands, [titles.get(c) for c in cands], cfg.eval.readout)
-        messages = sample_messages(visible, items, n_candidates=cfg.prompt.n_candidates, collab=collab)
+        messages = sample_messages(visible, items, n_candidates=cfg.prompt.n_candidates, collab=collab,
+                                   compact=cfg.prompt.instructions == "compact")
         prompts.append(tok(render_prompt(tok, messages), add_special_tokens=False)["input_ids"] + extra)
         answers.append(ans)
     n_cand = sum(map(len, answers))

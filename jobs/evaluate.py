@@ -60,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def eval_settings(args: argparse.Namespace, data: Path) -> tuple:
-    """(readout, order shuffles, order ensemble, collab evidence or None): the flags, else the config's
-    eval.* and prompt.collab when --config is given, else answer readout, no shuffles, no evidence."""
+    """(readout, order shuffles, order ensemble, collab evidence or None, compact instructions): the flags,
+    else the config's eval.* and prompt.collab / prompt.instructions when --config is given, else answer
+    readout, no shuffles, no evidence, full instructions."""
     from mllmrec_ray.config import load_config
     from mllmrec_ray.data.run_data import load_collab
 
@@ -75,7 +76,7 @@ def eval_settings(args: argparse.Namespace, data: Path) -> tuple:
         cfg.prompt.collab = args.collab == "on"
     elif not args.config:
         cfg.prompt.collab = False
-    return readout, shuffles, ensemble, load_collab(data, cfg.prompt)
+    return readout, shuffles, ensemble, load_collab(data, cfg.prompt), cfg.prompt.instructions == "compact"
 
 
 def backends(args: argparse.Namespace, model_path: str) -> tuple:
@@ -127,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
     manifest = json.loads((data / "manifest.json").read_text()) if (data / "manifest.json").exists() else {}
     dataset = manifest.get("dataset") or data.resolve().name
 
-    readout, shuffles, ensemble, collab = eval_settings(args, data)
+    readout, shuffles, ensemble, collab, compact = eval_settings(args, data)
     model_path = resolve_model(args.model, args.cache_dir)
     samples, _ = load_split(data, args.split, args.candidates)
     if args.max_samples is not None:
@@ -144,7 +145,8 @@ def main(args: argparse.Namespace) -> int:
         # the target never reaches a prompt: only history and candidates are passed on
         visible = {key: row[key] for key in ("sample_id", "user_id", "history", "candidates")}
         return sample_messages(visible, items, with_captions=with_captions, think_first=args.think_first,
-                               n_candidates=args.candidates, collab=collab, without_history=without_history)
+                               n_candidates=args.candidates, collab=collab, without_history=without_history,
+                               compact=compact)
 
     def prompt_ids(row: dict, ranking: bool) -> list[int]:
         messages = messages_of(row)

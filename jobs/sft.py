@@ -414,7 +414,8 @@ def main(args: argparse.Namespace) -> int:
         samples = pick_samples(samples, set(reasoning), sft.max_samples, sft.seed)
     texts = sft_texts(samples, items, tokenizer, reasoning, with_captions=cfg.prompt.with_captions,
                       think_first=cfg.prompt.think_first, n_candidates=cfg.prompt.n_candidates,
-                      collab=load_collab(data, cfg.prompt), reasoning_in=sft.reasoning_in)
+                      collab=load_collab(data, cfg.prompt), reasoning_in=sft.reasoning_in,
+                      compact=cfg.prompt.instructions == "compact")
     examples, tokenized, dropped, truncated = [], [], 0, 0
     for t in texts:
         ex = tokenize_example(tokenizer, t["prompt"], t["answer"], sft.max_len, sft.completion_only)

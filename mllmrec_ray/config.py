@@ -162,6 +162,9 @@ class PromptConfig:
     evidence_style: how that evidence is written per candidate: `words` "(popularity 3/5, follows
         recent 0/4, next-item rank 1/10)" (25 tokens) or `short` "(pop 3, fol 0, rank 1)" (13 tokens),
         each explained once in a legend above the candidates.
+    instructions: `full` (a role sentence, a legend that spells out each evidence scale, a three-sentence
+        output rule) or `compact` (the same parts in one short line each: ~14% fewer prompt tokens for
+        SFT, GRPO, evaluation and serving alike).
     """
 
     with_captions: Bool = True
@@ -173,6 +176,7 @@ class PromptConfig:
     collab_levels: Annotated[Int, Field(ge=2)] = 5
     collab_seq: Bool = False
     evidence_style: Literal["words", "short"] = "words"
+    instructions: Literal["full", "compact"] = "full"
 
 
 @dataclass(config=_PYDANTIC)

@@ -132,3 +132,31 @@ def test_evidence_needs_its_legend():
     with pytest.raises(ValueError, match="legend"):
         build_messages(hist, cands, evidence=["(pop 3, fol 0):"])
     assert "Legend X" in build_messages(hist, cands, evidence=["(pop 3, fol 0):"], legend="Legend X")[1]["content"]
+
+
+def test_compact_instructions_keep_every_item_line_and_number_in_fewer_words(tmp_path):
+    """prompt.instructions: compact changes only the role, list header, legend and output rule: the same
+    history and candidate lines (evidence included), no target, fewer characters; serving builds the same."""
+    from mllmrec_ray.ranking.serve_logic import prompt_messages
+
+    items, _, samples = _protocol()
+    data = tmp_path / "data"
+    data.mkdir()
+    samples.to_parquet(data / "samples.parquet")
+    items.to_parquet(data / "items.parquet")
+    full = load_collab(data, PromptConfig(collab=True, evidence_style="short"))
+    compact = load_collab(data, PromptConfig(collab=True, evidence_style="short", instructions="compact"))
+    assert (full.compact, compact.compact) == (False, True)
+    item_rows = {r["item_id"]: dict(r, caption=None) for r in items.to_dict("records")}
+    for s in samples[samples.split == "test"].to_dict("records")[:5]:
+        visible = {k: v for k, v in s.items() if k != "target"}
+        long_ = sample_messages(visible, item_rows, collab=full)
+        short = sample_messages(visible, item_rows, collab=compact, compact=True)
+        item_lines = lambda m: [ln for ln in m[1]["content"].splitlines() if "[ITEM_" in ln and "<id>" not in ln]
+        assert item_lines(short) == item_lines(long_) and len(item_lines(short)) == 9 + 10
+        assert len(short[0]["content"]) + len(short[1]["content"]) < 0.8 * (len(long_[0]["content"]) + len(long_[1]["content"]))
+        assert "pop 1-5, fol 0-4" in short[1]["content"] and "[ITEM_<id>] <title>" in short[1]["content"]
+        assert f"[ITEM_{s['target']}]" not in "".join(item_lines(short)[:9])  # the target is never in the history
+        assert prompt_messages(s["history"], s["candidates"], item_rows, False, False, compact, compact=True) == \
+            sample_messages({k: s[k] for k in ("sample_id", "user_id", "history", "candidates")}, item_rows,
+                            collab=compact, compact=True)

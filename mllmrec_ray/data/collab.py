@@ -45,6 +45,7 @@ class CollabStats:
     levels: int = 5
     seq: "object | None" = None     # `SeqEvidence` (prompt.collab_seq): adds each candidate's next-item rank
     style: str = "words"            # prompt.evidence_style: "words" or "short" (see `texts`)
+    compact: bool = False           # prompt.instructions == "compact": a one-line legend (see `legend`)
 
     def counts(self, history: Sequence[str], candidates: Sequence[str],
                user: str | None = None) -> list[tuple[int, int]]:
@@ -88,7 +89,13 @@ class CollabStats:
 
     def legend(self, texts: Sequence[str]) -> str:
         """The line above the candidates that says what `texts` (this prompt's evidence) mean; the
-        rank part only when a rank is shown (an empty history has none)."""
+        rank part only when a rank is shown (an empty history has none). `compact`: the scales only."""
+        ranked = any(", rank " in t or "next-item rank" in t for t in texts)
+        if self.compact:
+            scales = ("pop 1-{0}, fol 0-{1}" if self.style == "short" else "popularity, follows recent").format(
+                self.levels, self.levels - 1)
+            return (f"Evidence from other users ({scales}): higher is more likely"
+                    + (f"; rank 1-{len(texts)} by a sequence model, 1 is most likely." if ranked else "."))
         if self.style != "short":
             return COLLAB_LEGEND + (SEQ_LEGEND if any("next-item rank" in t for t in texts) else "")
         text = (f"Evidence from other users per candidate: pop = how popular it is (1-{self.levels}), fol = how "

@@ -97,6 +97,7 @@ def load_collab(data_dir: str | os.PathLike, prompt_cfg) -> "object | None":
     stats = fit_collab(training_sequences(train), catalogue, window=prompt_cfg.collab_window,
                        recent=prompt_cfg.collab_recent, levels=prompt_cfg.collab_levels)
     stats.style = getattr(prompt_cfg, "evidence_style", "words")
+    stats.compact = getattr(prompt_cfg, "instructions", "full") == "compact"
     if getattr(prompt_cfg, "collab_seq", False):
         stats.seq = load_seq_evidence(data_dir)
     return stats

@@ -21,6 +21,8 @@ DEFAULT_SYSTEM = (
     "choose the one candidate item the user is most likely to watch next."
 )
 
+COMPACT_SYSTEM = "You are a movie recommender."
+
 # Brackets and angle brackets are the only characters our tags are made of: neutralise them.
 _TAG_CHARS = str.maketrans({"[": "(", "]": ")", "<": "(", ">": ")"})
 # Any run of whitespace, including newlines and Unicode line/paragraph separators.
@@ -43,7 +45,11 @@ def answer_text(item_id: str, title: str | None) -> str:
     return f"{item_tag(item_id)} {clean_text(title) or UNTITLED}"
 
 
-def _output_constraint(think_first: bool) -> str:
+def _output_constraint(think_first: bool, compact: bool = False) -> str:
+    if compact:
+        if think_first:
+            return "Reason inside <think> ... </think>, then write one candidate item as [ITEM_<id>] <title>."
+        return "Reply with one candidate item as [ITEM_<id>] <title>; you may add <think> ... </think> after it."
     if think_first:
         return (
             "Output format (strict): first write your reasoning inside <think> ... </think>, "
@@ -66,6 +72,7 @@ def build_messages(
     system: str | None = None,
     evidence: Sequence[str] | None = None,
     legend: str | None = None,
+    compact: bool = False,
 ) -> list[dict]:
     """Chat messages for one recommendation prompt.
 
@@ -75,8 +82,10 @@ def build_messages(
     (v) the output constraint. No argument carries the target, so no prompt can reveal it.
     evidence: one collaborative-evidence text per candidate (`mllmrec_ray.data.collab`), written before
     its line; legend: what they mean (`CollabStats.legend`), one line above the candidates.
+    compact (`prompt.instructions: compact`): the same parts with a one-line role, list header and
+    output rule (~14% fewer tokens on the demo's prompts: every SFT, GRPO and scoring step is shorter).
     """
-    lines = ["The user recently watched these items (oldest first):"]
+    lines = ["Recently watched (oldest first):" if compact else "The user recently watched these items (oldest first):"]
     for n, it in enumerate(history, 1):
         line = f"{n}. {answer_text(str(it['item_id']), it.get('title'))}"
         caption = clean_text(it.get("caption"))
@@ -100,9 +109,11 @@ def build_messages(
     lines += cand_lines
     if reasoning is not None:
         lines += ["", "Reference reasoning about this user's preferences:", reasoning.strip()]
-    lines += ["", _output_constraint(think_first)]
+    lines += ["", _output_constraint(think_first, compact)]
+    if system is None:
+        system = COMPACT_SYSTEM if compact else DEFAULT_SYSTEM
     return [
-        {"role": "system", "content": DEFAULT_SYSTEM if system is None else system},
+        {"role": "system", "content": system},
         {"role": "user", "content": "\n".join(lines)},
     ]
 
@@ -131,12 +142,13 @@ def sample_messages(
     n_candidates: int = 10,
     collab=None,
     without_history: bool = False,
+    compact: bool = False,
 ) -> list[dict]:
     """Messages for a samples.parquet row. Never reads ``sample["target"]`` (leak-proof by construction).
 
     collab: `mllmrec_ray.data.collab.CollabStats` adds evidence per candidate (the sample's own user
         left out of the statistics). without_history: the same prompt with an empty history
-        (the reference prompt of the calibrated readout).
+        (the reference prompt of the calibrated readout). compact: `build_messages`'s short instructions.
     """
     history_ids = [] if without_history else [str(i) for i in sample["history"]]
     history = [_item_dict(i, items) for i in history_ids]
@@ -144,7 +156,7 @@ def sample_messages(
     cands = [_item_dict(i, items) for i in cand_ids]
     evidence = None if collab is None else collab.texts(history_ids, cand_ids, sample.get("user_id"))
     return build_messages(history, cands, reasoning, with_captions, think_first, evidence=evidence,
-                          legend=None if collab is None else collab.legend(evidence))
+                          legend=None if collab is None else collab.legend(evidence), compact=compact)
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:

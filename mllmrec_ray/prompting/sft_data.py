@@ -27,6 +27,7 @@ def sft_texts(
     n_candidates: int = 10,
     collab=None,
     reasoning_in: str | None = None,
+    compact: bool = False,
 ) -> list[dict]:
     """One {"sample_id", "prompt", "answer", "has_reasoning"} per sample (answer without EOS).
 
@@ -41,7 +42,8 @@ def sft_texts(
     for s in samples:
         text = reasoning.get(s["sample_id"])
         messages = sample_messages(s, items, reasoning=None if in_target else text, with_captions=with_captions,
-                                   think_first=think_first, n_candidates=n_candidates, collab=collab)
+                                   think_first=think_first, n_candidates=n_candidates, collab=collab,
+                                   compact=compact)
         out.append({
             "sample_id": s["sample_id"],
             "prompt": render_prompt(tokenizer, messages),

@@ -191,7 +191,7 @@ def top_n_excluding(order: Sequence[str], exclude: Sequence[str], n: int) -> lis
 
 
 def prompt_messages(history: Sequence[str], candidates: Sequence[str], items: Mapping[str, Mapping[str, Any]],
-                    with_captions: bool, think_first: bool, collab=None) -> list[dict]:
+                    with_captions: bool, think_first: bool, collab=None, compact: bool = False) -> list[dict]:
     """The ranking prompt of a request, built like the training prompts (collab: the same evidence;
     a request has no user, so nobody is left out of the statistics)."""
     def as_dict(i: str) -> dict:
@@ -201,7 +201,7 @@ def prompt_messages(history: Sequence[str], candidates: Sequence[str], items: Ma
     evidence = None if collab is None else collab.texts(list(history), list(candidates))
     return build_messages([as_dict(i) for i in history], [as_dict(i) for i in candidates],
                           with_captions=with_captions, think_first=think_first, evidence=evidence,
-                          legend=None if collab is None else collab.legend(evidence))
+                          legend=None if collab is None else collab.legend(evidence), compact=compact)
 
 
 def answers(candidates: Sequence[str], items: Mapping[str, Mapping[str, Any]]) -> list[str]:

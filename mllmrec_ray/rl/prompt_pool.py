@@ -40,7 +40,7 @@ def build_prompts(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, tokeniz
         messages = sample_messages(
             {k: v for k, v in s.items() if k != "target"}, items, reasoning=reasoning.get(s["sample_id"]),
             with_captions=cfg.prompt.with_captions, think_first=cfg.prompt.think_first,
-            n_candidates=cfg.prompt.n_candidates, collab=collab)
+            n_candidates=cfg.prompt.n_candidates, collab=collab, compact=cfg.prompt.instructions == "compact")
         text = render_prompt(tokenizer, messages)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > budget:
