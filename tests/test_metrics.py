@@ -116,3 +116,17 @@ def test_load_split_picks_candidate_column(tmp_path):
     _write_samples(tmp_path / "samples.parquet", rows)
     with pytest.raises(ValueError, match="bad candidates"):
         load_split(tmp_path, "test", 10)
+
+
+def test_rank_moves_sign_test_matches_hand_binomials():
+    """benchmarks/rank_moves.py's sign test: 2 * P(X >= k), X ~ Bin(up + down, 1/2), capped at 1."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("rank_moves", Path(__file__).resolve().parents[1] / "benchmarks" / "rank_moves.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.sign_test(3, 0) == pytest.approx(2 * 1 / 8)       # 3 of 3 up: 2 * (1/2)^3
+    assert mod.sign_test(2, 1) == 1.0                              # 2 * P(X >= 2) = 2 * 4/8, capped
+    assert mod.sign_test(29, 13) == pytest.approx(mod.sign_test(13, 29)) == pytest.approx(0.01952, abs=1e-5)
+    assert mod.sign_test(0, 0) == 1.0

@@ -99,8 +99,10 @@ def test_openai_refiner_never_sees_the_target_and_its_leaks_are_masked(run):
                        "--judge-samples", "2")
     finally:
         server.close()
-    # the pseudo-CoTs are reused; refinement and judging went to the endpoint (with retries on 429)
-    assert counts(proc.stdout) == {"pseudo": (8, 0), "refined": (0, 8), "judge": (0, 4)}
+    # refinement and judging went to the endpoint (with retries on 429); the pseudo-CoTs are the first
+    # test's when it ran before this one (the module's shared run), else generated here
+    got = counts(proc.stdout)
+    assert got["refined"] == (0, 8) and got["judge"] == (0, 4) and got["pseudo"] in ((8, 0), (0, 8))
     samples = {s["sample_id"]: s for s in pq.read_table(data / "samples.parquet").to_pylist()}
     items = {r["item_id"]: r for r in pq.read_table(data / "items.parquet").to_pylist()}
     refine_requests = [r for r in server.requests if r["body"]["messages"][0]["role"] == "system"]
