@@ -78,6 +78,10 @@ def test_ranking_and_prompts(tiny_llama):
     assert ranked[-1]["content"].split("\n\n")[:-1] == messages[-1]["content"].split("\n\n")[:-1]
     with pytest.raises(ValueError):
         ranking_messages([{"role": "user", "content": "no constraint"}], 2)
+    for think_first in (False, True):  # the compact instructions' output rule is replaced the same way
+        short = build_messages([{"item_id": "1", "title": "Toy Story"}], [{"item_id": "7", "title": "Heat"}],
+                               think_first=think_first, compact=True)
+        assert "rank the 1 candidate items" in ranking_messages(short, 1)[-1]["content"]
 
 
 def test_id_and_calibrated_readouts_equal_a_hand_computation(tiny_llama):

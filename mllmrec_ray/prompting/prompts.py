@@ -63,6 +63,11 @@ def _output_constraint(think_first: bool, compact: bool = False) -> str:
     )
 
 
+def is_output_constraint(text: str) -> bool:
+    """Whether `text` is one of the prompts' output rules (full or compact, either answer order)."""
+    return any(text == _output_constraint(t, c) for t in (False, True) for c in (False, True))
+
+
 def build_messages(
     history: Sequence[Mapping[str, Any]],
     candidates: Sequence[Mapping[str, Any]],

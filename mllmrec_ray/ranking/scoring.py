@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from mllmrec_ray.prompting.prompts import is_output_constraint
+
 RANKING_INSTRUCTION = (
     "Output format (strict): rank the {k} candidate items you consider most likely to be "
     "watched next, best first, one per line, each written as [ITEM_<id>] <title>. "
@@ -46,7 +48,7 @@ def answer_ids(tokenizer: Any, answers: Sequence[str]) -> list[list[int]]:
 def ranking_messages(messages: list[dict], k: int) -> list[dict]:
     """Generate-mode prompt: the answer prompt with its output constraint replaced by a top-k list request."""
     head, sep, last = messages[-1]["content"].rpartition("\n\n")
-    if not sep or not last.startswith("Output format"):
+    if not sep or not is_output_constraint(last):
         raise ValueError("the prompt's last paragraph is not the output constraint; cannot build a ranking prompt")
     return [*messages[:-1], {**messages[-1], "content": f"{head}\n\n{RANKING_INSTRUCTION.format(k=k)}"}]
 
