@@ -183,6 +183,61 @@ class Learner(WeightSenderMixin):
                      tis_weight_mean=tis_sum / tis_n if tis_n else None)
         return stats
 
+    def rank_step(self, batch: list[dict], seed: int = 0) -> dict:
+        """One GRPO step over rankings (`grpo.action: rank`, mllmrec_ray.rl.listwise); returns stats.
+
+        Rows: {"prompt_ids": the prompt and the readout's shared tokens, "candidates": each candidate's
+        readout tokens, "target": the target's index among them}. A candidate's score is the summed
+        log-prob of its tokens (the evaluation's score at temperature 1); G = group_size top-rank_k
+        rankings are drawn per prompt from those scores (`seed`: the same draws on a resumed run) and
+        rewarded with NDCG@rank_k; whole prompts go micro_batch_size candidates to a forward.
+        """
+        from mllmrec_ray.rl.grpo import group_advantages
+        from mllmrec_ray.rl.listwise import listwise_loss, ndcg_reward, plackett_luce_logprob, sample_rankings
+
+        if not batch:
+            raise ValueError("rank_step got an empty batch")
+        cfg, t0 = self.cfg, time.perf_counter()
+        gen = torch.Generator().manual_seed(seed)
+        per = max(1, cfg.micro_batch_size // max(len(b["candidates"]) for b in batch))
+        chunks = [batch[i : i + per] for i in range(0, len(batch), per)]
+        rewards, greedy, zero_var, agg, tokens = [], [], 0, {"loss": 0.0, "kl": 0.0}, 0
+        for c, chunk in enumerate(chunks):
+            self.ds_engine.set_gradient_accumulation_boundary(c == len(chunks) - 1)
+            prompts, cands = [list(b["prompt_ids"]) for b in chunk], [[list(t) for t in b["candidates"]] for b in chunk]
+            logp, mask = self._logprobs(prompts, cands)
+            scores = (logp * mask).sum(1)  # [candidates of the chunk], prompt by prompt
+            ref = None
+            if cfg.beta != 0:
+                ref_logp, _ = self._logprobs(prompts, cands, reference=True)
+                ref = (ref_logp * mask).sum(1)
+            loss, at = 0.0, 0
+            for b in chunk:
+                k = len(b["candidates"])
+                s, r = scores[at : at + k], None if ref is None else ref[at : at + k]
+                at += k
+                ranks = sample_rankings(s, cfg.group_size, min(cfg.rank_k, k), gen)
+                rew = ndcg_reward(ranks, int(b["target"]))
+                adv = group_advantages(rew[None], std_normalize=cfg.std_normalize)[0]
+                lp = plackett_luce_logprob(s, ranks)
+                term, st = listwise_loss(lp, None if r is None else plackett_luce_logprob(r, ranks), adv, cfg.beta)
+                loss = loss + term / len(batch)
+                rewards.append(rew)
+                greedy.append(float(ndcg_reward(s.detach().topk(min(cfg.rank_k, k)).indices[None], int(b["target"]))[0]))
+                zero_var += int(rew.max() == rew.min())
+                for key in agg:
+                    agg[key] += st[key] / len(batch)
+            tokens += sum(len(p) for p in prompts) + int(mask.sum())
+            self.ds_engine.backward(loss, scale_wrt_gas=False)  # 1/len(batch) per prompt: the batch mean
+        self.ds_engine.step()
+        grad_norm = self.ds_engine.get_global_grad_norm()
+        flat = torch.cat(rewards)
+        return {**agg, "reward_mean": float(flat.mean()), "reward_std": float(flat.std(unbiased=False)),
+                "hit_rate": float((flat == 1.0).float().mean()),  # sampled rankings with the target first
+                "greedy_ndcg": sum(greedy) / len(greedy),  # NDCG@rank_k of the score ranking, before the update
+                "zero_var_groups": zero_var / len(batch), "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens": tokens, "sequences": len(batch), "learner_s": time.perf_counter() - t0}
+
     def logprobs(self, batch: list[dict]) -> dict:
         """Per-response token log-probs under the policy and the reference (adapter disabled), in batch order."""
         out = {"logp": [None] * len(batch), "ref_logp": [None] * len(batch)}

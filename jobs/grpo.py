@@ -60,15 +60,25 @@ class Controller:
         g = self.g
         self.learner = LearnerActor.options(num_cpus=g.learner_resources.num_cpus,
                                             num_gpus=g.learner_resources.num_gpus).remote(model_path, g, cfg.model.lora)
-        self.actors = [self._new_actor(i) for i in range(g.rollout_actors)]
         self.version = 0
         self.restarts = 0
+        self.model_bytes = ray.get(self.learner.model_bytes.remote())  # sync_frac's denominator
+        if g.action == "rank":  # the learner samples rankings from its own scores: no engine, no sync
+            from mllmrec_ray.ranking.scoring import readout_tokens
+
+            self.actors, self.transport = [], "none"
+            for p in self.prompts:  # the evaluation's id readout: `[ITEM_` after the prompt, then `<id>]`
+                cands = [str(c) for c in p["candidates"]]
+                extra, p["readout"] = readout_tokens(tokenizer, cands, [None] * len(cands), "id")
+                p["readout_prompt"] = p["prompt_ids"] + extra
+            print(f"[grpo] action: rank (Plackett-Luce over the id readout, reward NDCG@{g.rank_k})", flush=True)
+            return
+        self.actors = [self._new_actor(i) for i in range(g.rollout_actors)]
         from actors.weight_sync import resolve_transport
 
         # `auto` ships the adapter alone when every engine took LoRA, merged weights otherwise
         lora = all(ray.get([a.supports_lora.remote() for a in self.actors]))
         self.transport = resolve_transport(g.weight_transport, g.rollout_resources.num_gpus > 0, lora)
-        self.model_bytes = ray.get(self.learner.model_bytes.remote())  # sync_frac's denominator
         print(f"[grpo] weight sync: {self.transport}", flush=True)
 
     def _new_actor(self, index: int):
@@ -216,11 +226,65 @@ class Controller:
         return (groups, rewards, adv, zero_variance_groups(rewards), keep, reward_stats,
                 sum(speeds) / len(speeds), cursor, rounds)
 
+    def generate_step(self, step: int, cursor: int) -> tuple[dict, int]:
+        """One step of the paper's GRPO: roll out, score, update, sync; (metrics row, new cursor)."""
+        from mllmrec_ray.rl.grpo import logprob_gap
+
+        groups, rewards, adv, zero_var, keep, reward_stats, tok_s, cursor, rounds = self.collect(step, cursor)
+        rows = [(i, j) for i in keep for j in range(len(groups[i]["responses"]))]
+        batch = [{"prompt_ids": groups[i]["prompt_ids"], "response_ids": groups[i]["responses"][j]["token_ids"],
+                  "advantage": float(adv[i, j]), "sampler_logp": groups[i]["responses"][j].get("sampler_logp")}
+                 for i, j in rows]
+        gap = None
+        if batch:
+            stats = self.ray.get(self.learner.train_step.remote(batch))
+            gap = logprob_gap(stats.pop("old_logp"), [b["sampler_logp"] for b in batch])
+            self.version += 1
+            sync = self.sync()
+        else:  # every group skipped (dynamic_sampling: skip): no update, nothing to sync
+            stats, sync = {}, {"seconds": 0.0, "bytes": 0, "transport": self.transport}
+        responses = [r for grp in groups for r in grp["responses"]]
+        sync_s = sync["seconds"]
+        row = {
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std(unbiased=False)),
+            "hit_rate": sum(r["hit"] for r in responses) / len(responses),
+            "valid_rate": sum(r["well_formed"] for r in responses) / len(responses),
+            **reward_stats,
+            # groups whose rewards are all equal have zero advantage: they carry no gradient
+            "zero_var_groups": float(zero_var.float().mean()),
+            "skipped_groups": len(groups) - len(keep),
+            "rollout_rounds": rounds,  # > 1 only with dynamic_sampling: refill
+            # mean |log p_learner - log p_sampler| per token (old policy, before this update)
+            "logprob_gap": gap, "tis_weight_mean": stats.get("tis_weight_mean"),
+            "kl": stats.get("kl"), "loss": stats.get("loss"), "clip_frac": stats.get("clip_frac"),
+            "response_len": sum(len(r["token_ids"]) for r in responses) / len(responses),
+            "rollout_tok_s": tok_s, "sync_s": sync_s, "sync_bytes": sync["bytes"],
+            # one sync's bytes over the base model's (learner dtype); adapter-only sync: ~1-4%
+            "sync_frac": sync["bytes"] / max(self.model_bytes, 1), "sync_transport": sync["transport"],
+            "learner_s": stats.get("seconds"), "sample_ids": [grp["sample_id"] for grp in groups],
+        }
+        return row, cursor
+
+    def rank_step(self, step: int, cursor: int) -> tuple[dict, int]:
+        """One step of GRPO over rankings (`grpo.action: rank`): the learner scores each prompt's
+        candidates, samples G top-k rankings, rewards their NDCG@k and updates; (metrics row, new cursor)."""
+        g = self.g
+        indices, cursor = next_batch(len(self.prompts), g.seed, cursor, g.prompts_per_step)
+        batch = [{"prompt_ids": self.prompts[i]["readout_prompt"], "candidates": self.prompts[i]["readout"],
+                  "target": [str(c) for c in self.prompts[i]["candidates"]].index(str(self.prompts[i]["target"]))}
+                 for i in indices]
+        # per-step seed: a resumed run draws the same rankings
+        stats = self.ray.get(self.learner.rank_step.remote(batch, seed=g.seed * 1_000_003 + step * 7919))
+        self.version += 1
+        return {**stats, "valid_rate": 1.0, "logprob_gap": None, "rollout_tok_s": None, "sync_s": 0.0,
+                "sync_bytes": 0, "sync_frac": 0.0, "sync_transport": self.transport,
+                "sample_ids": [self.prompts[i]["sample_id"] for i in indices]}, cursor
+
     def run(self, resume: bool = False) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
         from mllmrec_ray.io import drop_steps_after
-        from mllmrec_ray.rl.grpo import logprob_gap
 
         g = self.g
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,51 +296,18 @@ class Controller:
             else:
                 step, cursor = state["step"], state["cursor"]
                 print(f"[grpo] resumed at step {step} (cursor {cursor}, weights v{self.version})", flush=True)
-                self.sync()
+                if self.actors:
+                    self.sync()
         writer = SummaryWriter(str(self.out_dir))
         metrics_path = self.out_dir / "metrics.jsonl"
         drop_steps_after(metrics_path, step)  # rows logged past the checkpoint are redone now
         first = None
         while step < g.steps:
             t0 = time.perf_counter()
-            groups, rewards, adv, zero_var, keep, reward_stats, tok_s, cursor, rounds = self.collect(step + 1, cursor)
-            rows = [(i, j) for i in keep for j in range(len(groups[i]["responses"]))]
-            batch = [{"prompt_ids": groups[i]["prompt_ids"], "response_ids": groups[i]["responses"][j]["token_ids"],
-                      "advantage": float(adv[i, j]), "sampler_logp": groups[i]["responses"][j].get("sampler_logp")}
-                     for i, j in rows]
-            gap = None
-            if batch:
-                stats = self.ray.get(self.learner.train_step.remote(batch))
-                gap = logprob_gap(stats.pop("old_logp"), [b["sampler_logp"] for b in batch])
-                self.version += 1
-                sync = self.sync()
-            else:  # every group skipped (dynamic_sampling: skip): no update, nothing to sync
-                stats, sync = {}, {"seconds": 0.0, "bytes": 0, "transport": self.transport}
+            row, cursor = (self.rank_step if g.action == "rank" else self.generate_step)(step + 1, cursor)
             step += 1
-            responses = [r for grp in groups for r in grp["responses"]]
-            sync_s = sync["seconds"]
-            row = {
-                "step": step,
-                "reward_mean": float(rewards.mean()),
-                "reward_std": float(rewards.std(unbiased=False)),
-                "hit_rate": sum(r["hit"] for r in responses) / len(responses),
-                "valid_rate": sum(r["well_formed"] for r in responses) / len(responses),
-                **reward_stats,
-                # groups whose rewards are all equal have zero advantage: they carry no gradient
-                "zero_var_groups": float(zero_var.float().mean()),
-                "skipped_groups": len(groups) - len(keep),
-                "rollout_rounds": rounds,  # > 1 only with dynamic_sampling: refill
-                # mean |log p_learner - log p_sampler| per token (old policy, before this update)
-                "logprob_gap": gap, "tis_weight_mean": stats.get("tis_weight_mean"),
-                "kl": stats.get("kl"), "loss": stats.get("loss"), "clip_frac": stats.get("clip_frac"),
-                "response_len": sum(len(r["token_ids"]) for r in responses) / len(responses),
-                "rollout_tok_s": tok_s, "sync_s": sync_s, "sync_bytes": sync["bytes"],
-                # one sync's bytes over the base model's (learner dtype); adapter-only sync: ~1-4%
-                "sync_frac": sync["bytes"] / max(self.model_bytes, 1), "sync_transport": sync["transport"],
-                "learner_s": stats.get("seconds"),
-                "step_s": time.perf_counter() - t0, "weights_version": self.version,
-                "actor_restarts": self.restarts, "sample_ids": [grp["sample_id"] for grp in groups],
-            }
+            row = {"step": step, **row, "step_s": time.perf_counter() - t0, "weights_version": self.version,
+                   "actor_restarts": self.restarts}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             for k, v in row.items():
@@ -286,8 +317,8 @@ class Controller:
             first = first or row
             print(f"[grpo] step {step}/{g.steps} reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} "
                   f"hit {row['hit_rate']:.2f} valid {row['valid_rate']:.2f} zero-var {row['zero_var_groups']:.2f} "
-                  f"gap {row['logprob_gap'] or 0:.4f} kl {row['kl'] or 0:.4f} "
-                  f"loss {row['loss'] or 0:.4f} rollout {tok_s:.0f} tok/s sync {sync_s:.2f}s step {row['step_s']:.1f}s",
+                  f"gap {row['logprob_gap'] or 0:.4f} kl {row['kl'] or 0:.4f} loss {row['loss'] or 0:.4f} "
+                  f"rollout {row['rollout_tok_s'] or 0:.0f} tok/s sync {row['sync_s']:.2f}s step {row['step_s']:.1f}s",
                   flush=True)
             if g.checkpoint_every and (step % g.checkpoint_every == 0 or step == g.steps):
                 self.save_checkpoint(step, cursor)

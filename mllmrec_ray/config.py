@@ -251,12 +251,20 @@ class GRPOConfig:
     Off-policy correction: the learner scores at `temperature` (policy and reference); tis_cap
         enables truncated importance sampling, weight min(exp(lp_learner - lp_sampler), tis_cap)
         on each token's policy term (null = off).
+    action: `generate` (the paper): the policy writes an answer, rewarded by `reward`; `rank` (an
+        extension, mllmrec_ray.rl.listwise): the policy is the Plackett-Luce distribution over the
+        candidates' id-readout scores (the evaluation's), the learner samples group_size top-rank_k
+        rankings per prompt and rewards each with its NDCG@rank_k, so rank 2-5 moves are paid too;
+        no rollout engine, no weight sync (rollout_*, top_p, max_new_tokens, reward, tis_cap and
+        dynamic_sampling are unused).
     dynamic_sampling: `skip` drops groups whose rewards are all equal from the learner batch
         (they carry no gradient but dilute the mean); `refill` drops them and samples more prompts,
         up to refill_rounds (default 3) extra rollout rounds, until prompts_per_step groups with reward variance
         are in the batch (DAPO); `none` keeps them.
     """
 
+    action: Literal["generate", "rank"] = "generate"
+    rank_k: PosInt = 3
     group_size: PosInt = 8
     temperature: NonNegFloat = 0.9
     top_p: Annotated[Float, Field(gt=0, le=1)] = 0.9

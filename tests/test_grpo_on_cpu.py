@@ -102,6 +102,27 @@ def test_grpo_steps_sync_and_survive_a_killed_rollout_actor(ray_cluster, tiny_ll
     assert list((tmp_path / "grpo").glob("events.out.tfevents.*"))  # TensorBoard beside the JSONL
 
 
+def test_grpo_over_rankings_needs_no_rollout_engine(ray_cluster, tiny_llama, tmp_path):
+    """`grpo.action: rank`: the learner samples rankings from its own id-readout scores; no vLLM actor,
+    no weight sync, the same prompt schedule, metrics and saved model as the paper's GRPO."""
+    from jobs.grpo import run_grpo
+    from mllmrec_ray.runtime.policy import is_complete
+
+    data = make_data_dir(tmp_path)
+    cfg = tiny_config(steps=2)
+    cfg.grpo.action, cfg.grpo.group_size, cfg.grpo.micro_batch_size = "rank", 4, 10
+    summary = run_grpo(cfg, data, tmp_path / "stage1", str(tiny_llama), tmp_path / "grpo", tmp_path / "models" / "grpo")
+    assert summary["steps"] == 2 and summary["restarts"] == 0
+    rows = _metrics(tmp_path)
+    expected, _ = next_batch(6, cfg.grpo.seed, 0, 4)
+    assert [s for r in rows for s in r["sample_ids"]] == [f"u{i}" for i in expected]
+    for r in rows:
+        assert r["sync_transport"] == "none" and r["sync_bytes"] == 0 and r["rollout_tok_s"] is None
+        assert 0.0 <= r["reward_mean"] <= 1.0 and 0.0 <= r["greedy_ndcg"] <= 1.0 and 0.0 <= r["zero_var_groups"] <= 1.0
+        assert r["sequences"] == 2 and r["weights_version"] == r["step"] and r["kl"] is not None
+    assert is_complete(tmp_path / "models" / "grpo")
+
+
 def test_resume_after_killing_the_controller(tiny_llama, tmp_path):
     """Kill the whole `mllmrec grpo` process group after its first checkpoint, then --resume."""
     import yaml

@@ -155,3 +155,33 @@ def test_packing_groups_into_one_forward_changes_nothing(cluster, tiny):
         assert a == pytest.approx(b, abs=1e-5)
     for a, b in zip(after_packed["logp"], after_single["logp"]):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_rank_step_raises_the_target_among_the_candidates(cluster, tiny):
+    """`grpo.action: rank`: a few steps of GRPO over sampled rankings of one prompt's candidates raise the
+    target's share of the candidates' scores (what the id readout ranks by); the reference stays put."""
+    from actors.learner import LearnerActor
+
+    cands = [[50, 51], [60, 61], [70, 71], [80, 81]]  # equal lengths: comparable summed scores
+    target = 2
+    as_rows = [{"prompt_ids": PROMPT, "response_ids": c} for c in cands]
+
+    def target_share(out, key):
+        scores = torch.tensor([sum(r) for r in out[key]])
+        return float(torch.log_softmax(scores, 0)[target])
+
+    cfg = GRPOConfig(lr=1e-2, micro_batch_size=8, bf16=False, beta=0.01, group_size=8, rank_k=2)
+    learner = LearnerActor.options(num_cpus=1).remote(tiny, cfg, LoraConfig(r=8, alpha=16))
+    try:
+        before = ray.get(learner.logprobs.remote(as_rows))
+        batch = [{"prompt_ids": PROMPT, "candidates": cands, "target": target}]
+        stats = [ray.get(learner.rank_step.remote(batch, seed=s)) for s in range(6)]
+        after = ray.get(learner.logprobs.remote(as_rows))
+    finally:
+        ray.kill(learner)
+    assert target_share(after, "logp") > target_share(before, "logp") + 0.1
+    assert after["ref_logp"] == before["ref_logp"]
+    first = stats[0]
+    assert first["sequences"] == 1 and first["tokens"] == len(PROMPT) + 8 and first["learner_s"] > 0
+    assert 0.0 <= first["reward_mean"] <= 1.0 and 0.0 <= first["hit_rate"] <= 1.0 and first["zero_var_groups"] in (0.0, 1.0)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step samples under the reference itself
