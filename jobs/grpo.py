@@ -6,7 +6,9 @@ actor), collect the sampled groups, score them here with the named reward terms
 groups: `grpo.dynamic_sampling`), let the learner update, then push the new weights to
 every rollout actor before the next rollout. Checkpoints carry the adapter, optimizer,
 step, data cursor and RNG, so `--resume` continues where a run stopped; a dead rollout
-actor is replaced, re-synced and its prompts re-issued.
+actor is replaced, re-synced and its prompts re-issued. With `grpo.action: rank` no rollout actor
+runs: the learner scores each prompt's candidates, samples rankings and rewards their NDCG itself
+(`Learner.rank_step`, mllmrec_ray.rl.listwise).
 """
 
 from __future__ import annotations
