@@ -188,7 +188,7 @@ class Learner(WeightSenderMixin):
 
         Rows: {"prompt_ids": the prompt and the readout's shared tokens, "candidates": each candidate's
         readout tokens, "target": the target's index among them}. A candidate's score is the summed
-        log-prob of its tokens (the evaluation's score at temperature 1); G = group_size top-rank_k
+        log-prob of its tokens at grpo.temperature (at 1, the evaluation's score); G = group_size top-rank_k
         rankings are drawn per prompt from those scores (`seed`: the same draws on a resumed run) and
         rewarded with NDCG@rank_k; whole prompts go micro_batch_size candidates to a forward.
         """
