@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,14 +36,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("jobs.submit", "submit a stage or the pipeline as a Ray Job"),
     "jobs": ("jobs.jobctl", "status | logs | stop of submitted Ray Jobs"),
     "serve": ("jobs.serve", "serve the trained ranker with Ray Serve"),
+    "env": ("jobs.env", "versions, cores, malloc, Ray address and model cache of this machine"),
 }
 # clients of a cluster's HTTP API: they start or join no Ray node
-CLIENT_COMMANDS = {"submit", "jobs"}
+CLIENT_COMMANDS = {"submit", "jobs", "env"}
 # stages that read the pipeline config: each gets --config / --set, validated before it runs
 # ("data prepare": the `prepare` sub-command of `data`; `data fetch` reads no config)
 CONFIG_COMMANDS = {"evidence", "textualize", "cot", "mda", "sft", "grpo", "eval", "serve", "pipeline",
                    "data prepare", "baseline", "report"}
 EXIT_USAGE = 2
+# jemalloc (default): every command re-runs itself once with Ray's bundled jemalloc preloaded, and the
+# Ray nodes and workers it starts inherit it; system: glibc's malloc
+MALLOC_ENV = "MLLMREC_MALLOC"
+MALLOC_CHOICES = ("jemalloc", "system")
 
 
 class UsageError(Exception):
@@ -121,7 +128,45 @@ def _os_error(e: OSError) -> str:
     return str(e)
 
 
+def jemalloc_path() -> str | None:
+    """Ray's own jemalloc (`ray/core/libjemalloc.so`, shipped in its wheel), found without importing ray."""
+    spec = importlib.util.find_spec("ray")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        lib = Path(root) / "core" / "libjemalloc.so"
+        if lib.is_file():
+            return str(lib)
+    return None
+
+
+def preload_env(env: dict[str, str]) -> dict[str, str] | None:
+    """The environment to re-run a command in so that jemalloc replaces glibc's malloc, or None when
+    there is nothing to do (already preloaded, MLLMREC_MALLOC=system, not Linux, no jemalloc).
+
+    Why: PyTorch on CPU allocates and frees tensors of ever-changing sizes, and glibc's bins
+    fragment: a GRPO learner step spent ~40% of its time in glibc's `_int_malloc` and ran over
+    12 minutes, 161 s with jemalloc (`benchmarks/cpu_numerics.py`). Preloading must happen before
+    the process starts, hence the re-run; processes started from it inherit LD_PRELOAD.
+    """
+    choice = env.get(MALLOC_ENV, "jemalloc")
+    if choice not in MALLOC_CHOICES:
+        raise UsageError(f"{MALLOC_ENV}={choice!r}: expected one of {', '.join(MALLOC_CHOICES)}")
+    preloaded = env.get("LD_PRELOAD", "")
+    if choice == "system" or "libjemalloc" in preloaded or not sys.platform.startswith("linux"):
+        return None
+    lib = jemalloc_path()
+    if lib is None:
+        return None
+    return {**env, "LD_PRELOAD": ":".join(p for p in (lib, preloaded) if p)}
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `mllmrec` command itself (a call from Python keeps its process as it is)
+        try:
+            env = preload_env(dict(os.environ))
+        except UsageError as e:
+            return fail(str(e))
+        if env is not None:
+            os.execve(sys.executable, [sys.executable, "-m", "jobs.cli", *sys.argv[1:]], env)
     from pydantic import ValidationError
 
     from jobs.common import CommandError

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mllmrec_ray.prompting.prompts import is_output_constraint
+from mllmrec_ray.runtime.models import flush_denormals
 
 RANKING_INSTRUCTION = (
     "Output format (strict): rank the {k} candidate items you consider most likely to be "
@@ -62,6 +63,7 @@ class HFScorer:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        flush_denormals()
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
@@ -79,6 +81,7 @@ class HFScorer:
         # similar lengths share a batch: less padding (prompts here run 550-820 tokens)
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         out: list[list[float]] = [[] for _ in prompt_ids]
+        flush_denormals()  # Serve calls this from a worker thread of its own
         with self.torch.inference_mode():
             for start in range(0, len(order), self.batch):
                 idx = order[start:start + self.batch]

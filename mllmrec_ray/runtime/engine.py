@@ -225,6 +225,9 @@ class Engine:
                  lora_targets: list[str] | None = None, **llm_kwargs: Any):
         from vllm import LLM
 
+        from mllmrec_ray.runtime.models import flush_denormals
+
+        flush_denormals()  # the in-process engine's threads (rollout, CoT, captions, vLLM ranker)
         config = config or EngineConfig()
         self.config = config
         self.model = model

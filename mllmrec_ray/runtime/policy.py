@@ -29,6 +29,9 @@ def build_policy(model_path: str, lora, dtype: torch.dtype = torch.float32):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from mllmrec_ray.runtime.models import flush_denormals
+
+    flush_denormals()  # before the first op: the learner's and SFT's threads start flushing
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     base.config.use_cache = False  # training never reuses a KV cache
     peft_cfg = PeftLoraConfig(
