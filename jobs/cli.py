@@ -45,8 +45,8 @@ CLIENT_COMMANDS = {"submit", "jobs", "env"}
 CONFIG_COMMANDS = {"evidence", "textualize", "cot", "mda", "sft", "grpo", "eval", "serve", "pipeline",
                    "data prepare", "baseline", "report"}
 EXIT_USAGE = 2
-# jemalloc (default): every command re-runs itself once with Ray's bundled jemalloc preloaded, and the
-# Ray nodes and workers it starts inherit it; system: glibc's malloc
+# system (default): glibc's malloc; jemalloc: every command re-runs itself once with Ray's bundled
+# jemalloc preloaded, and the Ray nodes and workers it starts inherit it
 MALLOC_ENV = "MLLMREC_MALLOC"
 MALLOC_CHOICES = ("jemalloc", "system")
 
@@ -139,15 +139,18 @@ def jemalloc_path() -> str | None:
 
 
 def preload_env(env: dict[str, str]) -> dict[str, str] | None:
-    """The environment to re-run a command in so that jemalloc replaces glibc's malloc, or None when
-    there is nothing to do (already preloaded, MLLMREC_MALLOC=system, not Linux, no jemalloc).
+    """With MLLMREC_MALLOC=jemalloc, the environment to re-run a command in so that jemalloc replaces
+    glibc's malloc; None when there is nothing to do (the default `system`, already preloaded, not
+    Linux, no jemalloc).
 
-    Why: PyTorch on CPU allocates and frees tensors of ever-changing sizes, and glibc's bins
-    fragment: a GRPO learner step spent ~40% of its time in glibc's `_int_malloc` and ran over
-    12 minutes, 161 s with jemalloc (`benchmarks/cpu_numerics.py`). Preloading must happen before
-    the process starts, hence the re-run; processes started from it inherit LD_PRELOAD.
+    Why offered: PyTorch on CPU allocates and frees tensors of ever-changing sizes, and glibc's bins
+    can fragment: a long-running GRPO learner spent ~40% of its time in glibc's `_int_malloc`, and a
+    step ran over 12 minutes, 161 s with jemalloc. Why not the default: Ray's jemalloc build spends
+    2.5x glibc's system time on page faults in a fresh SFT-like loop (31 vs 12 s of 190 s), and the
+    one demo run on it was not faster. Preloading must happen before the process starts, hence the
+    re-run; processes started from it inherit LD_PRELOAD.
     """
-    choice = env.get(MALLOC_ENV, "jemalloc")
+    choice = env.get(MALLOC_ENV, "system")
     if choice not in MALLOC_CHOICES:
         raise UsageError(f"{MALLOC_ENV}={choice!r}: expected one of {', '.join(MALLOC_CHOICES)}")
     preloaded = env.get("LD_PRELOAD", "")

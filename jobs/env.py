@@ -1,6 +1,6 @@
 """`mllmrec env`: what this process runs on, for bug reports and for checking a machine's set-up.
 
-Prints the package versions, the cores, the malloc in use (jemalloc unless MLLMREC_MALLOC=system:
+Prints the package versions, the cores, the malloc in use (glibc's unless MLLMREC_MALLOC=jemalloc:
 see `jobs.cli.preload_env`), the Ray cluster a command would join and the model cache. Imports
 nothing heavy, so it answers in about a second.
 """
@@ -37,7 +37,7 @@ def facts() -> dict:
             continue
     cache = cache_root()
     return {"packages": versions, "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-            "malloc": malloc_in_use(), "malloc_setting": os.environ.get(MALLOC_ENV, "jemalloc"),
+            "malloc": malloc_in_use(), "malloc_setting": os.environ.get(MALLOC_ENV, "system"),
             "jemalloc_path": jemalloc_path(), "ray_address": os.environ.get("RAY_ADDRESS"),
             "model_cache": str(cache),
             "cached_models": sorted(p.name for p in (cache / "models").iterdir()) if (cache / "models").is_dir() else []}

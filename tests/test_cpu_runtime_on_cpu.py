@@ -1,4 +1,4 @@
-"""The CPU runtime every command gets: jemalloc instead of glibc's malloc (`jobs.cli.preload_env`),
+"""The CPU runtime of every command: jemalloc instead of glibc's malloc on request (`jobs.cli.preload_env`),
 inherited by the Ray workers a command starts, and denormals flushed where models are built."""
 
 import json
@@ -25,10 +25,11 @@ def test_preload_env_adds_ray_jemalloc_once_and_keeps_other_preloads():
 
     lib = jemalloc_path()
     assert lib and lib.endswith("ray/core/libjemalloc.so") and Path(lib).is_file()
-    env = preload_env({"PATH": "/bin", "LD_PRELOAD": "/opt/other.so"})
+    env = preload_env({"PATH": "/bin", "LD_PRELOAD": "/opt/other.so", "MLLMREC_MALLOC": "jemalloc"})
     assert env["LD_PRELOAD"] == f"{lib}:/opt/other.so" and env["PATH"] == "/bin"
-    assert preload_env({"LD_PRELOAD": lib}) is None  # the re-run: no second exec
+    assert preload_env({"LD_PRELOAD": lib, "MLLMREC_MALLOC": "jemalloc"}) is None  # the re-run: no second exec
     assert preload_env({"MLLMREC_MALLOC": "system"}) is None
+    assert preload_env({"PATH": "/bin"}) is None  # glibc's by default
 
 
 def test_malloc_setting_is_checked():
@@ -42,9 +43,9 @@ def test_malloc_setting_is_checked():
     assert out.returncode == 2 and "error: MLLMREC_MALLOC='tcmalloc'" in out.stderr
 
 
-def test_commands_run_on_jemalloc_unless_told_otherwise():
-    assert _env_json()["malloc"] == "jemalloc"
-    assert _env_json(MLLMREC_MALLOC="system")["malloc"] == "glibc"
+def test_commands_run_on_jemalloc_when_asked():
+    assert _env_json()["malloc"] == "glibc"
+    assert _env_json(MLLMREC_MALLOC="jemalloc")["malloc"] == "jemalloc"
 
 
 SCRIPT = """
@@ -68,7 +69,7 @@ def test_ray_workers_started_by_a_command_inherit_jemalloc():
     """What `mllmrec <stage>` does after its re-run: the local cluster it starts runs every worker on jemalloc."""
     from jobs.cli import preload_env
 
-    env = preload_env({k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    env = preload_env({**{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, "MLLMREC_MALLOC": "jemalloc"})
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
