@@ -146,9 +146,9 @@ def preload_env(env: dict[str, str]) -> dict[str, str] | None:
     Why offered: PyTorch on CPU allocates and frees tensors of ever-changing sizes, and glibc's bins
     can fragment: a long-running GRPO learner spent ~40% of its time in glibc's `_int_malloc`, and a
     step ran over 12 minutes, 161 s with jemalloc. Why not the default: Ray's jemalloc build spends
-    2.5x glibc's system time on page faults in a fresh SFT-like loop (31 vs 12 s of 190 s), and the
-    one demo run on it was not faster. Preloading must happen before the process starts, hence the
-    re-run; processes started from it inherit LD_PRELOAD.
+    2.5x glibc's system time on page faults in a fresh SFT-like loop (31 vs 12 s of 190 s), and no
+    demo has been timed on it. Preloading must happen before the process starts, hence the re-run;
+    processes started from it inherit LD_PRELOAD.
     """
     choice = env.get(MALLOC_ENV, "system")
     if choice not in MALLOC_CHOICES:
