@@ -23,10 +23,11 @@ def flush_denormals() -> None:
     """Flush denormal floats to zero on this thread and on the threads it starts later (torch's
     intra-op pool inherits the setting when it is created), so call it before the first torch op.
 
-    Why: a trained policy's vocabulary softmax underflows into denormals, which the CPU handles in
-    microcode. A GRPO learner step over rankings on cpu-full's step-15 policy took 42-47 s with
-    them, 24-26 s without, with the same loss and KL (`benchmarks/cpu_numerics.py`). Values below
-    1.2e-38 become 0; GPUs are unaffected. MLLMREC_DENORMALS=keep leaves them on (to measure them).
+    Why: a trained policy's forward and backward produce denormals (where exactly is not pinned
+    down), which the CPU handles in microcode. A 4-prompt GRPO learner step over rankings from
+    cpu-full's step-15 checkpoint took 42-47 s with them, 24-26 s without, same loss and KL; in fresh
+    processes `benchmarks/cpu_numerics.py` measured 7.0 -> 5.9 s (on jemalloc), 7.8 -> 7.4 s (glibc).
+    Values below 1.2e-38 become 0; GPUs are unaffected. MLLMREC_DENORMALS=keep leaves them on.
     """
     import torch
 
