@@ -28,6 +28,7 @@ import torch
 from mllmrec_ray.config import GRPOConfig, LoraConfig, from_dict
 from mllmrec_ray.rl.grpo import grpo_loss, tis_weights
 from mllmrec_ray.io import atomic_write_text
+from mllmrec_ray.runtime.models import bf16_enabled
 from mllmrec_ray.runtime.policy import (adapter_config, adapter_state, base_model_bytes, build_policy, deepspeed_engine,
                                 group_logprobs, load_tokenizer, merged_lora_state, save_merged)
 from mllmrec_ray.rl.weights import to_buckets
@@ -49,10 +50,10 @@ class Learner(WeightSenderMixin):
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         torch.manual_seed(self.cfg.seed)
         self.tokenizer = load_tokenizer(model_path)
-        dtype = torch.bfloat16 if self.cfg.bf16 else torch.float32
-        model = build_policy(model_path, lora, dtype=dtype)
+        self.bf16 = bf16_enabled(self.cfg.bf16)
+        model = build_policy(model_path, lora, dtype=torch.bfloat16 if self.bf16 else torch.float32)
         # Gradient accumulation is driven per step in train_step (batches vary in size).
-        self.ds_engine = deepspeed_engine(model, zero_stage=self.cfg.zero_stage, bf16=self.cfg.bf16, lr=self.cfg.lr,
+        self.ds_engine = deepspeed_engine(model, zero_stage=self.cfg.zero_stage, bf16=self.bf16, lr=self.cfg.lr,
                                        micro_batch_size=self.cfg.micro_batch_size, grad_accum=1)
         # No dropout: log-probs then match the rollout engine's and the ratio is exactly 1 on-policy.
         self.ds_engine.eval()

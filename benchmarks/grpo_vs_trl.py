@@ -94,6 +94,7 @@ def build_prompt_rows(tokenizer, data_dir: Path) -> list[dict]:
 
 def make_config(args, max_model_len: int):
     from mllmrec_ray.config import PipelineConfig, load_config
+    from mllmrec_ray.runtime.models import bf16_enabled
 
     cfg = PipelineConfig(name="bench_grpo_vs_trl")
     # this box's CPU resources as the quickstart sets them: the learner gets both cores as torch threads
@@ -135,7 +136,7 @@ def run_ours(args, model_path: str, data_dir: Path, work: Path, max_model_len: i
                sync_bytes=[r["sync_bytes"] for r in rows], sync_transport=rows[-1].get("sync_transport"),
                learner_s=[r["learner_s"] for r in rows], reward_mean=[r["reward_mean"] for r in rows],
                response_len=[r["response_len"] for r in rows], sample_ids=[r["sample_ids"] for r in rows],
-               precision="vLLM bf16 rollout, DeepSpeed bf16 learner" if cfg.grpo.bf16 else "fp32")
+               precision="vLLM bf16 rollout, DeepSpeed bf16 learner" if bf16_enabled(cfg.grpo.bf16) else "fp32")
     return out
 
 

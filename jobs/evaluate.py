@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--captions", default="auto",
                         help="captions.parquet for captioned prompts; auto = <run>/stage1/captions.parquet if it exists; none = off")
     parser.add_argument("--think-first", action="store_true", help="prompts ask for <think> before the answer")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="auto: bf16 where the device computes it natively, else fp32")
     parser.add_argument("--batch", type=int, default=8, help="prompts per scoring / generation batch")
     parser.add_argument("--cache-dir", default=None, help="model cache root")
     parser.add_argument("--seed", type=int, default=0, help="engine and bootstrap seed")
@@ -110,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
 
     from mllmrec_ray.ranking.evaluation import (format_table, load_split, make_record, rankings_path, write_rankings,
                                         write_record)
-    from mllmrec_ray.runtime.models import resolve_model
+    from mllmrec_ray.runtime.models import resolve_dtype, resolve_model
     from mllmrec_ray.prompting.parsing import parse_answer, parse_ranking
     from mllmrec_ray.prompting.prompts import render_prompt, sample_messages
     from mllmrec_ray.data.run_data import load_items
@@ -182,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
 
     extra = {"mode": args.mode, "model_path": model_path, "with_captions": with_captions,
-             "think_first": args.think_first, "dtype": args.dtype, "seconds": round(seconds, 2),
+             "think_first": args.think_first, "dtype": resolve_dtype(args.dtype), "seconds": round(seconds, 2),
              "samples_per_s": round(len(rows) / seconds, 3) if seconds else None}
     if args.mode == "score":
         extra.update(scorer=args.scorer, readout=readout, collab=collab is not None, weights=args.weights,

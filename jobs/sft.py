@@ -298,6 +298,7 @@ def train_loop(config: dict) -> None:
     import torch
 
     from mllmrec_ray.config import LoraConfig, SFTConfig, from_dict
+    from mllmrec_ray.runtime.models import bf16_enabled
     from mllmrec_ray.runtime.policy import build_policy, deepspeed_engine, load_tokenizer, save_merged
 
     # Ray Train tees a patched print() into its logger too (every line twice) and logs at INFO:
@@ -318,9 +319,11 @@ def train_loop(config: dict) -> None:
     examples = ray.get(config["examples"])
     torch.manual_seed(sft.seed)
     tokenizer = load_tokenizer(config["model_path"])
+    bf16 = bf16_enabled(sft.bf16)
+    say(f"[sft] rank {rank}: {'bf16' if bf16 else 'fp32'} (sft.bf16: {sft.bf16})")
     model = build_policy(config["model_path"], from_dict(LoraConfig, config["lora"]),
-                         dtype=torch.bfloat16 if sft.bf16 else torch.float32)
-    ds_engine = deepspeed_engine(model, zero_stage=sft.zero_stage, bf16=sft.bf16, lr=sft.lr,
+                         dtype=torch.bfloat16 if bf16 else torch.float32)
+    ds_engine = deepspeed_engine(model, zero_stage=sft.zero_stage, bf16=bf16, lr=sft.lr,
                               micro_batch_size=sft.micro_batch_size, grad_accum=sft.grad_accum)
     ds_engine.train()
     result = train_steps(ds_engine, examples, tokenizer.pad_token_id, sft, rank=rank, world=world,

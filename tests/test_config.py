@@ -56,7 +56,7 @@ def test_bad_literal_lists_allowed_values(tmp_path):
 def test_wrong_type_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"^sft\.epochs: 'three' is not an integer \(allowed: an integer >= 1\)"):
         load_config(_write(tmp_path, "sft: {epochs: three}\n"))
-    with pytest.raises(ConfigError, match=r"^grpo\.bf16: 1 is not true or false \(allowed: true or false\)"):
+    with pytest.raises(ConfigError, match=r"^grpo\.bf16: 1 is not true or false \(allowed: true, false or 'auto'\); "):
         load_config(_write(tmp_path, "grpo: {bf16: 1}\n"))  # strict: no 1 -> true, no "3" -> 3
     with pytest.raises(ConfigError, match=r"^sft\.epochs: '3' is not an integer"):
         load_config(None, ["sft.epochs='3'"])
@@ -78,7 +78,7 @@ BAD_VALUES = [
     ("grpo.steps", "-3", r"-3 is out of range \(allowed: an integer >= 0\)"),
     ("stage1.p_sft", "7", r"7 is out of range \(allowed: a number in \[0, 1\]\)"),
     ("sft.zero_stage", "9", r"9 is out of range \(allowed: an integer in \[0, 3\]\)"),
-    ("model.engine.dtype", "bfloat61", r"'bfloat61' is not allowed \(allowed: one of 'bfloat16', 'float32'\)"),
+    ("model.engine.dtype", "bfloat61", r"'bfloat61' is not allowed \(allowed: one of 'auto', 'bfloat16', 'float32'\)"),
     ("grpo.group_size", "0", r"0 is out of range \(allowed: an integer >= 1\)"),
     ("sft.lr", "0", r"0 is out of range \(allowed: a number > 0\)"),
     ("grpo.weight_transport", "pigeon", r"'pigeon' is not allowed \(allowed: one of 'auto', 'lora', 'object_store'"),

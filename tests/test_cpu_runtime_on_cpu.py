@@ -96,3 +96,37 @@ def test_building_a_policy_flushes_denormals(tiny_llama, setting):
     before, after = map(float, out.stdout.split()[-2:])
     assert before == pytest.approx(1e-39, rel=1e-3)
     assert after == (0.0 if setting == "flush" else before)
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, "bfloat16"), (False, True, "bfloat16"),
+                                                        (False, False, "float32")])
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch, amx, avx512_bf16, expected):
+    """An AVX2-only CPU emulates bf16 (4-5x slower than fp32 there): `auto` must pick fp32 on it."""
+    import torch
+
+    from mllmrec_ray.runtime.models import bf16_enabled, resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert resolve_dtype("auto") == expected
+    assert bf16_enabled("auto") is (expected == "bfloat16")
+    assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"  # asked: kept
+    assert bf16_enabled(True) is True and bf16_enabled(False) is False
+    with pytest.raises(ValueError, match="dtype 'fp8' is not one of 'auto', 'bfloat16', 'float32'"):
+        resolve_dtype("fp8")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_scorer_loads_the_auto_dtype(monkeypatch, tiny_llama, native):
+    """The default (`auto`) reaches the model: the HF scorer (evaluation, serving) loads in the resolved dtype."""
+    import torch
+
+    import mllmrec_ray.runtime.models as models
+    from mllmrec_ray.ranking.scoring import HFScorer
+
+    monkeypatch.setattr(models, "native_bf16", lambda: native)
+    want = torch.bfloat16 if native else torch.float32
+    scorer = HFScorer(str(tiny_llama))
+    assert scorer.dtype == ("bfloat16" if native else "float32")
+    assert {p.dtype for p in scorer.model.parameters()} == {want}

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mllmrec_ray.prompting.prompts import is_output_constraint
-from mllmrec_ray.runtime.models import flush_denormals
+from mllmrec_ray.runtime.models import flush_denormals, resolve_dtype
 
 RANKING_INSTRUCTION = (
     "Output format (strict): rank the {k} candidate items you consider most likely to be "
@@ -58,7 +58,7 @@ class HFScorer:
     """Answer log-likelihoods with transformers: prompts batched into one forward, then every
     answer of every prompt packed into one more forward over their KV caches."""
 
-    def __init__(self, model: str, dtype: str = "bfloat16", chunk: int = 32, threads: int | None = None,
+    def __init__(self, model: str, dtype: str = "auto", chunk: int = 32, threads: int | None = None,
                  adapter: bool = False, batch: int = 8):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,6 +68,7 @@ class HFScorer:
             torch.set_num_threads(threads)
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.dtype = dtype = resolve_dtype(dtype)
         if adapter:
             self.model = load_with_adapter(model, getattr(torch, dtype))
         else:

@@ -225,7 +225,7 @@ class Engine:
                  lora_targets: list[str] | None = None, **llm_kwargs: Any):
         from vllm import LLM
 
-        from mllmrec_ray.runtime.models import flush_denormals
+        from mllmrec_ray.runtime.models import flush_denormals, resolve_dtype
 
         flush_denormals()  # the in-process engine's threads (rollout, CoT, captions, vLLM ranker)
         config = config or EngineConfig()
@@ -237,7 +237,7 @@ class Engine:
         self._lora_root: Path | None = None
         kwargs = dict(
             model=model,
-            dtype=config.dtype,
+            dtype=resolve_dtype(config.dtype),
             max_model_len=config.max_model_len,
             gpu_memory_utilization=config.gpu_memory_utilization,
             enforce_eager=config.enforce_eager,
