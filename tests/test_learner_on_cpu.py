@@ -106,7 +106,7 @@ def test_train_step_moves_the_policy_not_the_reference(cluster, tiny, tmp_path):
 def test_checkpoint_resume_gives_identical_next_step(cluster, tiny, tmp_path):
     from actors.learner import LearnerActor
 
-    cfg = GRPOConfig(lr=1e-3, micro_batch_size=2)  # the defaults otherwise: bf16, ZeRO-2, one update
+    cfg = GRPOConfig(lr=1e-3, micro_batch_size=2, bf16=True)  # bf16 as on GPUs; otherwise the defaults: ZeRO-2, one update
     first = LearnerActor.options(num_cpus=1).remote(tiny, cfg)
     try:
         ray.get(first.train_step.remote(BATCH))
