@@ -4,7 +4,7 @@
         [--model smollm2-135m] [--samples 48] [--batch 8] [--vllm] [--out-dir benchmarks/results/eval_throughput]
 
 Prints, for the real test prompts of a prepared run (the run's evidence and readout):
-- ceiling: bf16 matmuls of the model's projection shapes at the prompts' length (weights cold, as
+- ceiling: matmuls in the scorer's dtype (`auto`: bf16 where native, else fp32) of the model's projection shapes at the prompts' length (weights cold, as
   in a forward that walks 30 layers), in TFLOP/s;
 - bare: a batched PyTorch forward over the same prompts, last-position logits only (no answers);
 - scorer: the default `HFScorer` (prompts batched, answers packed over the caches): samples/s,
@@ -36,15 +36,18 @@ def model_flops_per_token(config, context: float) -> tuple[float, int]:
 
 
 def matmul_ceiling(config, tokens: int, repeats: int = 3) -> float:
-    """bf16 TFLOP/s of one layer's projection matmuls at `tokens` rows, each weight used once per
+    """TFLOP/s, in the scorer's dtype (`auto`), of one layer's projection matmuls at `tokens` rows, each weight used once per
     pass over 30 copies (cold in cache, like a real forward)."""
     import torch
 
+    from mllmrec_ray.runtime.models import resolve_dtype
+
+    dtype = getattr(torch, resolve_dtype("auto"))
     h, inter = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or h // config.num_attention_heads)
     shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]
-    layers = [[torch.nn.Linear(i, o, bias=False, dtype=torch.bfloat16) for i, o in shapes] for _ in range(30)]
-    x = {i: torch.randn(tokens, i, dtype=torch.bfloat16) for i in (h, inter)}
+    layers = [[torch.nn.Linear(i, o, bias=False, dtype=dtype) for i, o in shapes] for _ in range(30)]
+    x = {i: torch.randn(tokens, i, dtype=dtype) for i in (h, inter)}
     flops = 2 * tokens * sum(i * o for i, o in shapes) * len(layers)
     with torch.inference_mode():
         for lin in layers[0]:
@@ -96,7 +99,7 @@ def write_report(out: dict, args, readout: str) -> None:
         "",
         "| path | samples/s | candidates/s | model TFLOP/s |",
         "|---|---|---|---|",
-        f"| matmul ceiling (bf16, model shapes) | | | {out['matmul_ceiling_tflops']} |",
+        f"| matmul ceiling ({out['dtype']}, model shapes) | | | {out['matmul_ceiling_tflops']} |",
         f"| bare batched forward, last logits only | {out['bare_samples_per_s']} | | {out['bare_tflops']} |",
         f"| default scorer (HFScorer) | {out['scorer_samples_per_s']} | {out['scorer_candidates_per_s']} | "
         f"{out['scorer_tflops']} |",
@@ -180,7 +183,7 @@ def main() -> int:
         "threads": args.threads, "cpu": platform.processor() or platform.machine(),
         "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
         "non_embedding_params": params,
-        "matmul_ceiling_tflops": round(ceiling, 3),
+        "matmul_ceiling_tflops": round(ceiling, 3), "dtype": resolve_dtype("auto"),
         "bare_samples_per_s": round(len(prompts) / bare_s, 3),
         "bare_tflops": round(per_token * prompt_tokens / bare_s / 1e12, 3),
         "scorer_samples_per_s": round(len(prompts) / scorer_s, 3),
@@ -198,7 +201,7 @@ def main() -> int:
         from mllmrec_ray.ranking.scoring import VLLMScorer
 
         del scorer, model
-        vscorer = VLLMScorer(Engine(model_path, EngineConfig(dtype="bfloat16", max_model_len=2048)), args.batch)
+        vscorer = VLLMScorer(Engine(model_path, EngineConfig(dtype="auto", max_model_len=2048)), args.batch)
         vscorer.score(prompts[:2], answers[:2])
         t0 = time.perf_counter()
         vscorer.score(prompts, answers)

@@ -150,7 +150,7 @@ def raw_engine_tok_s(args, model_path: str, prompts: list[dict], max_model_len: 
     from mllmrec_ray.config import EngineConfig
     from mllmrec_ray.runtime.engine import Engine
 
-    engine = Engine(model_path, EngineConfig(dtype="bfloat16", max_model_len=max_model_len, kv_cache_gib=1.0))
+    engine = Engine(model_path, EngineConfig(dtype="auto", max_model_len=max_model_len, kv_cache_gib=1.0))
     ids = [engine.encode(p["prompt"]) for p in prompts]
     steps = [ids[i:i + args.prompts_per_step] for i in range(0, len(ids), args.prompts_per_step)]
     # step 1 warms up (first calls of new shapes cost several times a warm call) and is left out, as in
@@ -167,7 +167,7 @@ def raw_engine_tok_s(args, model_path: str, prompts: list[dict], max_model_len: 
 
 
 def bare_lora_tok_s(model_path: str, prompts: list[dict], new_tokens: int, repeats: int = 4) -> dict:
-    """Tokens/s of a bare PyTorch forward+backward of the GRPO LoRA model in bf16 (PEFT, no DeepSpeed,
+    """Tokens/s of a bare PyTorch forward+backward of the GRPO LoRA model in the learner's dtype (`auto`; PEFT, no DeepSpeed,
     no Ray) on rows of 4 benchmark prompts + `new_tokens` response tokens each."""
     import torch
     from transformers import AutoTokenizer
@@ -176,7 +176,9 @@ def bare_lora_tok_s(model_path: str, prompts: list[dict], new_tokens: int, repea
     from mllmrec_ray.runtime.policy import build_policy, pad_batch, token_logprobs
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    model = build_policy(model_path, LoraConfig(), dtype=torch.bfloat16).eval()  # eval: the learner runs no dropout
+    from mllmrec_ray.runtime.models import resolve_dtype
+
+    model = build_policy(model_path, LoraConfig(), dtype=getattr(torch, resolve_dtype("auto"))).eval()  # eval: the learner runs no dropout
     rows = [tok(p["prompt"], add_special_tokens=False)["input_ids"] for p in prompts[:4]]
     responses = [r[-new_tokens:] for r in rows]  # real token ids, of response length
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -321,7 +323,8 @@ def main() -> int:
     parser.add_argument("--rollout-cpus", type=float, default=None,
                         help="CPUs (= torch threads) per rollout actor (default: GRPOConfig's rollout_resources)")
     parser.add_argument("--trl-fp32", action="store_true",
-                        help="TRL in fp32 (its own default); by default it runs with bf16 autocast, as ours runs bf16")
+                        help="TRL in fp32 (its own default); by default it runs with bf16 autocast where ours runs "
+                             "bf16 (dtype auto: the CPU computes bf16 natively), else in fp32 as ours")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-floor", action="store_true", help="do not measure our step's floor")
@@ -331,6 +334,9 @@ def main() -> int:
         parser.error("--steps, --prompts-per-step and --rollout-actors must be >= 1, --group-size >= 2")
     if args.skip_trl and args.skip_ours:
         parser.error("--skip-trl and --skip-ours together leave nothing to measure")
+    from mllmrec_ray.runtime.models import native_bf16
+
+    args.trl_fp32 = args.trl_fp32 or not native_bf16()  # same precision as ours: bf16 only where it is native
     if not args.skip_trl:
         try:
             import trl  # noqa: F401

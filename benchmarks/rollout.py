@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--sync-actors", type=int, default=2, help="rollout actors a sync goes to")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="the quickstart's targets")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto: bf16 where the CPU/GPU computes it natively, else fp32")
     parser.add_argument("--repeats", type=int, default=3, help="alternating raw / pool measurements")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -1,12 +1,13 @@
-"""Where an SFT step's time goes on this box: the quickstart's LoRA model, bf16, one micro-batch.
+"""Where an SFT step's time goes on this box: the quickstart's LoRA model in the dtype `auto` picks
+(bf16 where native, else fp32), one micro-batch.
 
 Usage: python benchmarks/sft_step.py [--model smollm2-135m] [--rows 4] [--tokens 610] [--repeats 3]
            [--json OUT.json]
 
 Measures, on rows of random token ids with completion-only labels on the last 10 tokens (the SFT
 loss `sft_data.completion_loss`, no padding):
-- forward + backward + optimizer step through DeepSpeed (as `jobs/sft.py` builds it: ZeRO-2, bf16)
-  and through a bare PyTorch loop (PEFT model in bf16, torch AdamW), interleaved, best of --repeats;
+- forward + backward + optimizer step through DeepSpeed (as `jobs/sft.py` builds it: ZeRO-2, that dtype)
+  and through a bare PyTorch loop (PEFT model in that dtype, torch AdamW), interleaved, best of --repeats;
 - forward + backward with each attention implementation: sdpa (its CPU flash kernel, the default),
   sdpa forced onto its math kernel, and transformers' eager attention;
 - a torch.profiler breakdown of one bare forward + backward by operator (self CPU time): attention
@@ -77,7 +78,7 @@ def main() -> int:
 
     from mllmrec_ray.config import load_config
     from mllmrec_ray.prompting.sft_data import IGNORE, completion_loss
-    from mllmrec_ray.runtime.models import resolve_model
+    from mllmrec_ray.runtime.models import resolve_dtype, resolve_model
     from mllmrec_ray.runtime.policy import build_policy, deepspeed_engine
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -90,11 +91,12 @@ def main() -> int:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     tokens = args.rows * args.tokens
 
-    engine = deepspeed_engine(build_policy(model_path, cfg.model.lora, dtype=torch.bfloat16),
-                              zero_stage=cfg.sft.zero_stage, bf16=True, lr=cfg.sft.lr, micro_batch_size=args.rows,
+    dtype = getattr(torch, resolve_dtype("auto"))  # as jobs/sft.py: bf16 where native, else fp32
+    engine = deepspeed_engine(build_policy(model_path, cfg.model.lora, dtype=dtype),
+                              zero_stage=cfg.sft.zero_stage, bf16=dtype == torch.bfloat16, lr=cfg.sft.lr, micro_batch_size=args.rows,
                               grad_accum=1)
     engine.train()
-    model = build_policy(model_path, cfg.model.lora, dtype=torch.bfloat16)
+    model = build_policy(model_path, cfg.model.lora, dtype=dtype)
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.sft.lr)
 
@@ -124,7 +126,7 @@ def main() -> int:
     out.update(step_s=steps, step_tok_s={k: tokens / v for k, v in steps.items()}, fwd_bwd_s_by_attention=fwd_bwd,
                profile_share=profile_shares(attention("sdpa")))
 
-    print(f"SFT micro-batch {args.rows} x {args.tokens} tokens, bf16, {out['threads']} threads, best of {args.repeats}")
+    print(f"SFT micro-batch {args.rows} x {args.tokens} tokens, {dtype}, {out['threads']} threads, best of {args.repeats}")
     print(f"  step (fwd+bwd+optimizer): DeepSpeed {steps['deepspeed']:.2f} s ({out['step_tok_s']['deepspeed']:.0f} tok/s), "
           f"bare PyTorch {steps['bare']:.2f} s ({out['step_tok_s']['bare']:.0f} tok/s)")
     print("  fwd+bwd by attention: " + ", ".join(f"{k} {v:.2f} s ({v / fwd_bwd['sdpa']:.2f}x)" for k, v in fwd_bwd.items()))
