@@ -323,8 +323,7 @@ def main() -> int:
     parser.add_argument("--rollout-cpus", type=float, default=None,
                         help="CPUs (= torch threads) per rollout actor (default: GRPOConfig's rollout_resources)")
     parser.add_argument("--trl-fp32", action="store_true",
-                        help="TRL in fp32 (its own default); by default it runs with bf16 autocast where ours runs "
-                             "bf16 (dtype auto: the CPU computes bf16 natively), else in fp32 as ours")
+                        help="TRL in fp32 (its default); else bf16 autocast where ours runs bf16 (dtype auto), fp32 elsewhere")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-floor", action="store_true", help="do not measure our step's floor")
@@ -334,9 +333,6 @@ def main() -> int:
         parser.error("--steps, --prompts-per-step and --rollout-actors must be >= 1, --group-size >= 2")
     if args.skip_trl and args.skip_ours:
         parser.error("--skip-trl and --skip-ours together leave nothing to measure")
-    from mllmrec_ray.runtime.models import native_bf16
-
-    args.trl_fp32 = args.trl_fp32 or not native_bf16()  # same precision as ours: bf16 only where it is native
     if not args.skip_trl:
         try:
             import trl  # noqa: F401
@@ -353,15 +349,15 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from mllmrec_ray.runtime.models import resolve_model
+    from mllmrec_ray.runtime.models import native_bf16, resolve_model
 
+    args.trl_fp32 = args.trl_fp32 or not native_bf16()  # same precision as ours: bf16 only where it is native
     model_path = resolve_model(args.model)
     n = args.prompts_per_step * args.steps
     results: dict = {"settings": {"model": model_path, "data": str(args.data), "prompts": n, "steps": args.steps,
                                   "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
                                   "max_new_tokens": args.max_new_tokens, "rollout_actors": args.rollout_actors,
-                                  "rollout_cpus": args.rollout_cpus,
-                                  "cpu_count": os.cpu_count()}}
+                                  "rollout_cpus": args.rollout_cpus, "cpu_count": os.cpu_count()}}
     with tempfile.TemporaryDirectory(prefix="grpo_vs_trl_") as tmp:
         work = Path(tmp)
         data_dir = subset_data(args.data, n, work / "data")
@@ -381,7 +377,7 @@ def main() -> int:
             print(f"[bench] TRL GRPOTrainer ({'fp32' if args.trl_fp32 else 'bf16 autocast'})", flush=True)
             results["trl"] = run_trl(args, model_path, prompts, work)
         if not args.skip_ours and not args.skip_floor:
-            print("[bench] our step's floor: raw vLLM engine + bare PyTorch LoRA forward+backward (bf16)", flush=True)
+            print("[bench] our step's floor: raw vLLM engine + bare PyTorch LoRA forward+backward", flush=True)
             results["floor"] = measure_floor(args, model_path, prompts, results["ours"],
                                              longest + args.max_new_tokens + 16, bare_before)
 
@@ -401,7 +397,7 @@ def main() -> int:
         f, o = results["floor"], results["ours"]
         print(f"  our step's floor {f['floor_step_s']:.1f}s = rollout {f['rollout_tokens']:.0f} tok at "
               f"{f['raw_engine_tok_s']:.0f} tok/s (raw engine) {f['rollout_floor_s']:.1f}s + learner "
-              f"{f['learner_tokens']:.0f} tok at {f['bare_lora_fwd_bwd']['tok_s']:.0f} tok/s (bare bf16 LoRA "
+              f"{f['learner_tokens']:.0f} tok at {f['bare_lora_fwd_bwd']['tok_s']:.0f} tok/s (bare LoRA "
               f"fwd+bwd) {f['learner_floor_s']:.1f}s")
         print(f"  our mean step {o['mean_step_s']:.1f}s = {f['ours_over_floor']:.2f}x the floor "
               f"(learner {statistics.mean(measured_rows(o['learner_s'])):.1f}s, "
