@@ -34,6 +34,9 @@ from mllmrec_ray.data.run_data import SEQ_EVIDENCE
 from mllmrec_ray.io import atomic_write_json, atomic_write_text
 from mllmrec_ray.runtime.models import native_bf16
 
+# Stages that run the policy model (where `dtype: auto` decides bf16 or fp32).
+MODEL_STAGES = {"textualize", "cot", "sft", "grpo", "eval-base", "eval-sft", "eval-grpo"}
+
 # the marker a merged model dir gets last (mllmrec_ray.runtime.policy.MERGED_MARKER; kept import-free here)
 SFT_DONE = "mllmrec_complete.json"
 
@@ -384,7 +387,7 @@ def main(args: argparse.Namespace) -> int:
     log_dir = run_dir / "logs"
     console.line(f"[pipeline] {run_dir}: {len(running)} of {len(stages)} stages to run; "
                  f"full stage output in {log_dir}/<stage>.log")
-    if "auto" in (cfg.model.engine.dtype, cfg.sft.bf16, cfg.grpo.bf16):
+    if "auto" in (cfg.model.engine.dtype, cfg.sft.bf16, cfg.grpo.bf16) and running & MODEL_STAGES:
         console.line(f"[pipeline] dtype auto: {'bf16 (native here)' if native_bf16() else 'fp32 (bf16 is emulated here)'}"
                      "; each worker decides for its own hardware")
     # SIGTERM (e.g. `mllmrec jobs stop`) unwinds like Ctrl-C, so the stage and the local head stop too
