@@ -136,7 +136,7 @@ def main() -> int:
 
     from mllmrec_ray.config import PipelineConfig, load_config
     from mllmrec_ray.ranking.evaluation import load_split
-    from mllmrec_ray.runtime.models import resolve_model
+    from mllmrec_ray.runtime.models import resolve_dtype, resolve_model
     from mllmrec_ray.prompting.prompts import render_prompt, sample_messages
     from mllmrec_ray.data.run_data import load_collab, load_items
     from mllmrec_ray.ranking.scoring import HFScorer, readout_tokens

@@ -94,7 +94,6 @@ def build_prompt_rows(tokenizer, data_dir: Path) -> list[dict]:
 
 def make_config(args, max_model_len: int):
     from mllmrec_ray.config import PipelineConfig, load_config
-    from mllmrec_ray.runtime.models import bf16_enabled
 
     cfg = PipelineConfig(name="bench_grpo_vs_trl")
     # this box's CPU resources as the quickstart sets them: the learner gets both cores as torch threads
@@ -119,6 +118,7 @@ def run_ours(args, model_path: str, data_dir: Path, work: Path, max_model_len: i
 
     from jobs.common import init_ray
     from jobs.grpo import run_grpo
+    from mllmrec_ray.runtime.models import bf16_enabled
 
     cfg = make_config(args, max_model_len)
     out_dir = work / "ours" / "grpo"
