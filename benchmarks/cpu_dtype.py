@@ -15,22 +15,13 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def best(fn, reps: int) -> float:
-    fn()  # warm-up: kernels, caches, allocator
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from sft_step import best  # noqa: E402  (this script's folder is on sys.path when run as a script)
 
 
 def torch_timings(model_path: str, dtype_name: str, reps: int) -> dict:

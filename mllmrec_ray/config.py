@@ -104,7 +104,7 @@ class EngineConfig:
     """vLLM engine settings shared by rollout, evaluation, Stage I and serving.
 
     dtype: `auto` (default) = `bfloat16` where the device computes bf16 natively (CUDA, CPUs with AMX
-        or AVX512-BF16), else `float32` (an AVX2-only CPU emulates bf16: 4-5x slower here); resolved
+        or AVX512-BF16), else `float32` (an AVX2-only CPU emulates bf16: 3.9-112x slower, benchmarks/cpu_dtype.py); resolved
         where the model runs (mllmrec_ray.runtime.models.resolve_dtype). The evaluation and the HF
         scorer take the same names.
     gpu_memory_utilization: fraction of (CPU) memory for the KV cache; 0.92 asks
