@@ -177,6 +177,10 @@ class Runner:
         self.pipeline, self.capsys, self.tmp = pipeline, capsys, tmp_path
         self.ran_file = tmp_path / "ran.txt"
         self.run_dir = tmp_path / "runs" / "quickstart"
+        # an image folder that exists wherever the clone lives: the quickstart's ../shared path may not,
+        # and the pipeline's note about it would add a console line
+        self.posters = tmp_path / "posters"
+        self.posters.mkdir()
         script = tmp_path / "fake_stage.py"
         script.write_text(FAKE_STAGE)
         specs: dict[tuple, str] = {}
@@ -198,6 +202,7 @@ class Runner:
         parser = argparse.ArgumentParser()
         self.pipeline.add_arguments(parser)
         args = parser.parse_args(["--config", "configs/quickstart.yaml", "--set", f"runs_dir={self.tmp / 'runs'}",
+                                  "--set", f"data.images={self.posters}",
                                   *extra])
         self.ran_file.unlink(missing_ok=True)
         self.capsys.readouterr()
