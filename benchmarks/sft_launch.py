@@ -43,26 +43,18 @@ def train(args_dict: dict) -> list[float]:
                       LOCAL_RANK="0")
     import torch
 
-    from jobs.sft import train_steps
+    from jobs.sft import train_steps, training_examples
     from mllmrec_ray.config import load_config
-    from mllmrec_ray.data.run_data import load_collab, load_items, load_reasoning, load_samples, pick_samples
-    from mllmrec_ray.prompting.sft_data import sft_texts, tokenize_example
     from mllmrec_ray.runtime.models import bf16_enabled, resolve_model
     from mllmrec_ray.runtime.policy import build_policy, deepspeed_engine, load_tokenizer
 
     cfg = load_config(args_dict["config"])
-    sft, data, stage1 = cfg.sft, Path(args_dict["data"]), Path(args_dict["stage1"])
+    sft, stage1 = cfg.sft, Path(args_dict["stage1"])
     model_path = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(model_path)
-    samples = load_samples(data, "train")
-    reasoning = load_reasoning(stage1 / "cot.parquet", stage1 / "mda.parquet", "selected_sft", cfg.stage1.cot_source)
-    if sft.max_samples is not None and sft.max_samples < len(samples):
-        samples = pick_samples(samples, set(reasoning), sft.max_samples, sft.seed)
-    texts = sft_texts(samples, load_items(data, None), tokenizer, reasoning, n_candidates=cfg.prompt.n_candidates,
-                      collab=load_collab(data, cfg.prompt), reasoning_in=sft.reasoning_in,
-                      compact=cfg.prompt.instructions == "compact")
-    examples = [e for e in (tokenize_example(tokenizer, t["prompt"], t["answer"], sft.max_len, sft.completion_only)
-                            for t in texts) if e is not None]
+    _, tokenized = training_examples(cfg, Path(args_dict["data"]), tokenizer, stage1 / "captions.parquet",
+                                     stage1 / "cot.parquet", stage1 / "mda.parquet")
+    examples = [e for e in tokenized if e is not None]
     for e in examples:
         e.pop("truncated")
     torch.manual_seed(sft.seed)  # as jobs/sft.py's train_loop

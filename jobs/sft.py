@@ -383,6 +383,25 @@ def check_paths(args: argparse.Namespace) -> tuple:
     return data, stage1, out, work_dir
 
 
+def training_examples(cfg, data: Path, tokenizer, captions=None, cot=None, mda=None) -> tuple[list[dict], list]:
+    """(sft_texts rows, their tokenized examples or None where dropped) of the run's training samples."""
+    from mllmrec_ray.data.run_data import load_collab, load_items, load_reasoning, load_samples, pick_samples
+    from mllmrec_ray.prompting.sft_data import sft_texts, tokenize_example
+
+    sft = cfg.sft
+    items = load_items(data, captions if cfg.prompt.with_captions else None)
+    samples = load_samples(data, "train")
+    reasoning = load_reasoning(cot, mda, "selected_sft", cfg.stage1.cot_source)
+    if sft.max_samples is not None and sft.max_samples < len(samples):
+        samples = pick_samples(samples, set(reasoning), sft.max_samples, sft.seed)
+    texts = sft_texts(samples, items, tokenizer, reasoning, with_captions=cfg.prompt.with_captions,
+                      think_first=cfg.prompt.think_first, n_candidates=cfg.prompt.n_candidates,
+                      collab=load_collab(data, cfg.prompt), reasoning_in=sft.reasoning_in,
+                      compact=cfg.prompt.instructions == "compact")
+    return texts, [tokenize_example(tokenizer, t["prompt"], t["answer"], sft.max_len, sft.completion_only)
+                   for t in texts]
+
+
 def main(args: argparse.Namespace) -> int:
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -392,9 +411,6 @@ def main(args: argparse.Namespace) -> int:
     from mllmrec_ray.config import to_dict
     from mllmrec_ray.runtime.models import resolve_model
     from mllmrec_ray.runtime.policy import MERGED_MARKER, is_complete, load_tokenizer
-    from mllmrec_ray.data.run_data import load_collab, load_items, load_reasoning, load_samples, pick_samples
-    from mllmrec_ray.prompting.sft_data import sft_texts, tokenize_example
-
     cfg = stage_config(args, FLAGS)  # --config, --set, then the flags above, all validated
     sft = cfg.sft
     if not args.out and not args.write_prompts:
@@ -411,19 +427,9 @@ def main(args: argparse.Namespace) -> int:
     mda = args.mda or (stage1 / "mda.parquet" if stage1 else None)
     model_path = resolve_model(args.model or cfg.model.name)
     tokenizer = load_tokenizer(model_path)
-    items = load_items(data, captions if cfg.prompt.with_captions else None)
-    samples = load_samples(data, "train")
-    reasoning = load_reasoning(cot, mda, "selected_sft", cfg.stage1.cot_source)
-    if sft.max_samples is not None and sft.max_samples < len(samples):
-        samples = pick_samples(samples, set(reasoning), sft.max_samples, sft.seed)
-    texts = sft_texts(samples, items, tokenizer, reasoning, with_captions=cfg.prompt.with_captions,
-                      think_first=cfg.prompt.think_first, n_candidates=cfg.prompt.n_candidates,
-                      collab=load_collab(data, cfg.prompt), reasoning_in=sft.reasoning_in,
-                      compact=cfg.prompt.instructions == "compact")
-    examples, tokenized, dropped, truncated = [], [], 0, 0
-    for t in texts:
-        ex = tokenize_example(tokenizer, t["prompt"], t["answer"], sft.max_len, sft.completion_only)
-        tokenized.append(ex)
+    texts, tokenized = training_examples(cfg, data, tokenizer, captions, cot, mda)
+    examples, dropped, truncated = [], 0, 0
+    for ex in tokenized:
         if ex is None:
             dropped += 1
             continue
