@@ -402,10 +402,35 @@ def training_examples(cfg, data: Path, tokenizer, captions=None, cot=None, mda=N
                    for t in texts]
 
 
+def trainer_class():
+    """TorchTrainer, without Ray Train's placement-group cleaner where the cluster has no state API.
+
+    The cleaner (a detached actor) asks the state API, which the dashboard serves, once a second whether
+    the controller lives; the clusters this project starts run no dashboard, so every ask failed and
+    logged a warning (1,780 lines in a 30-minute SFT log). Nothing is lost without it here: each stage
+    is a Ray job of its own, and a job's placement groups go with it.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.util.state import list_actors
+
+    try:
+        list_actors(limit=1, timeout=5, raise_on_missing_output=False)
+        return TorchTrainer
+    except Exception:  # no API server (RayStateApiException), or its address not found (ConnectionError)
+        pass
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return Trainer
+
+
 def main(args: argparse.Namespace) -> int:
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from jobs.common import CommandError, stage_config
     from mllmrec_ray.config import to_dict
@@ -456,7 +481,7 @@ def main(args: argparse.Namespace) -> int:
     use_gpu = sft.resources.num_gpus > 0
     resources = {"CPU": sft.resources.num_cpus, **({"GPU": sft.resources.num_gpus} if use_gpu else {})}
     fault = os.environ.get(FAULT_ENV)
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         train_loop,
         train_loop_config={"examples": ray.put(examples), "model_path": model_path, "out": str(out),
                            "sft": to_dict(sft), "lora": to_dict(cfg.model.lora),

@@ -13,6 +13,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest  # noqa: E402
 
+from jobs.common import bind_to_loopback  # noqa: E402
+
+# The tests' own clusters (plain ray.init) listen on 127.0.0.1 like the product's, not on the machine's address.
+bind_to_loopback()
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 POSTERS_DIR = (REPO_ROOT / ".." / "shared" / "data" / "ml-100k-posters").resolve()

@@ -1,6 +1,7 @@
 """SFT examples (pure) and a real Ray Train SFT run on a tiny model (local CPU cluster)."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -146,6 +147,7 @@ def test_sft_job_on_ray_train(tiny, tmp_path, capsys, monkeypatch):
             "--epochs", "4", "--cot", str(stage1 / "cot.parquet"), "--mda", str(stage1 / "mda.parquet")]
 
     ray.init(num_cpus=4, include_dashboard=False)
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")  # conftest: tests stay on the loopback
     try:
         # a worker dies after step 6: the checkpoint of step 4 is left behind
         monkeypatch.setenv(FAULT_ENV, "6")
@@ -155,6 +157,9 @@ def test_sft_job_on_ray_train(tiny, tmp_path, capsys, monkeypatch):
         monkeypatch.delenv(FAULT_ENV)
         assert main(args) == 0  # the rerun continues from it
         printed = capsys.readouterr().out
+        # no dashboard here: Ray Train's placement-group cleaner would warn once a second (jobs.sft.trainer_class)
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+        assert not [f.name for f in logs.glob("*.err") if "State API may be temporarily unavailable" in f.read_text()]
         assert "6 examples (1 with reasoning" in printed and "12 optimizer steps" in printed
         assert "resuming from step 4" in printed and "resumed at step 4/12" in printed
         assert is_complete(out) and (out / "adapter" / "adapter_model.safetensors").exists()
