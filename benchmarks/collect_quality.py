@@ -4,8 +4,9 @@ Usage: python benchmarks/collect_quality.py runs/cpu-full [--out benchmarks/resu
 
 Copies results.json / results.md / paired.json, every eval record with its per-sample
 rankings, the resolved config, GRPO's metrics and the data manifest, and writes
-`provenance.json` (data seed, commit, run timings when the pipeline logged them). It
-re-runs `mllmrec report`'s checks first, so a copied ranking always reproduces its table.
+`provenance.json` (data seed, commit, run timings when the pipeline logged them). A README*.md
+already in the destination (e.g. the rule written before the run) is kept. It re-runs
+`mllmrec report`'s checks first, so a copied ranking always reproduces its table.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def main() -> int:
     if args.timings:
         provenance["pipeline_console"] = args.timings.read_text().splitlines()[-40:]
     (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    if dest.is_dir():  # hand-written notes (a rule written before the run) are not the run's to replace
+        for note in dest.glob("README*.md"):
+            shutil.copy2(note, tmp / note.name)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.replace(dest)
     print(f"copied {run} -> {dest}")
