@@ -147,8 +147,8 @@ def test_sft_job_on_ray_train(tiny, tmp_path, capsys, monkeypatch):
             "--epochs", "4", "--cot", str(stage1 / "cot.parquet"), "--mda", str(stage1 / "mda.parquet")]
 
     ray.init(num_cpus=4, include_dashboard=False)
-    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")  # conftest: tests stay on the loopback
     try:
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")  # conftest: tests stay on the loopback
         # a worker dies after step 6: the checkpoint of step 4 is left behind
         monkeypatch.setenv(FAULT_ENV, "6")
         with pytest.raises(Exception, match="test hook"):
