@@ -4,7 +4,8 @@ Usage: python benchmarks/rank_moves.py DATA_DIR SPLIT A.rankings.parquet B.ranki
 
 Prints how many samples A ranks the target higher than B ("up"), lower ("down") or the same, by B's rank
 of the target, and the two-sided exact sign test over the samples that moved. @K metrics only see moves
-that cross rank K; this shows the moves they miss (e.g. GRPO vs SFT, where most moves happen below rank 3).
+that cross rank K; this shows the moves they miss (e.g. GRPO vs SFT, where most moves happen below rank 3). Also
+how often the two share their first choice and their top-3 set, and each one's HR@1.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def target_ranks(path: str, targets: dict) -> dict:
+def read(path: str) -> dict:
+    """sample_id -> ranking (candidate ids as strings, best first)."""
     from mllmrec_ray.ranking.evaluation import read_rankings
 
     ids, rankings = read_rankings(path)
-    return {i: [str(x) for x in r].index(str(targets[i])) + 1 for i, r in zip(ids, rankings)}
+    return {i: [str(x) for x in r] for i, r in zip(ids, rankings)}
 
 
 def sign_test(up: int, down: int) -> float:
@@ -42,8 +44,10 @@ def main() -> int:
     args = p.parse_args()
     samples, _ = load_split(args.data, args.split, args.candidates)
     targets = dict(zip(samples.sample_id, samples.target))
-    a, b = target_ranks(args.a, targets), target_ranks(args.b, targets)
-    common = [i for i in a if i in b]
+    ra, rb = read(args.a), read(args.b)
+    common = [i for i in ra if i in rb]
+    a = {i: ra[i].index(str(targets[i])) + 1 for i in common}
+    b = {i: rb[i].index(str(targets[i])) + 1 for i in common}
     up = sum(a[i] < b[i] for i in common)
     down = sum(a[i] > b[i] for i in common)
     print(f"{args.split}, n = {len(common)}: A ranks the target higher in {up}, lower in {down}, the same in "
@@ -52,6 +56,11 @@ def main() -> int:
         rows = [i for i in common if (b[i] == r if r < 5 else b[i] >= 5)]
         print(f"  B's rank {r if r < 5 else '5+'}: up {sum(a[i] < b[i] for i in rows)}, "
               f"same {sum(a[i] == b[i] for i in rows)}, down {sum(a[i] > b[i] for i in rows)}")
+    # Where the two agree: one model can copy another's first choice and still order the rest differently.
+    n = max(len(common), 1)
+    print(f"  same first choice in {sum(ra[i][0] == rb[i][0] for i in common) / n:.2f} of samples, same top-3 set "
+          f"in {sum(set(ra[i][:3]) == set(rb[i][:3]) for i in common) / n:.2f}; HR@1 A {sum(a[i] == 1 for i in common) / n:.3f}, "
+          f"B {sum(b[i] == 1 for i in common) / n:.3f}")
     return 0
 
 
