@@ -38,6 +38,7 @@ bench: fetch
 	test -f $(BENCH_DATA)/samples.parquet || $(MLLMREC) pipeline --config $(CONFIG) --only prepare
 	$(PY) benchmarks/rollout.py --data $(BENCH_DATA)
 	$(PY) benchmarks/grpo_vs_trl.py --data $(BENCH_DATA) --steps 3 --json benchmarks/results/grpo_vs_trl.json
+	$(PY) benchmarks/learner_phases.py --overlap
 	$(PY) benchmarks/stage1.py --data $(BENCH_DATA)
 	$(PY) benchmarks/eval_throughput.py --data $(BENCH_DATA) --config $(CONFIG)
 

@@ -136,6 +136,7 @@ class Learner(WeightSenderMixin):
         total_share, total_tokens = max(sum(shares), 1.0), max(sum(tokens), 1.0)
         ref = [self._logprobs(prompts, resp, reference=True)[0] if cfg.beta != 0 else None
                for _, prompts, resp, _ in mbs]
+        ref_s = time.perf_counter() - t0  # the reference forward: work the KL term adds to every step
         old = None
         if cfg.updates_per_step > 1:  # with a single update old == current, taken from the same forward
             with torch.no_grad():
@@ -180,7 +181,7 @@ class Learner(WeightSenderMixin):
         stats = dict(per_update[0])  # the on-policy (first) update is the one comparable across steps
         stats["loss_final"] = per_update[-1]["loss"]
         stats.update(tokens=sum(tokens), sequences=len(batch), optimizer_steps=int(self.ds_engine.global_steps),
-                     seconds=time.perf_counter() - t0, old_logp=old_rows,
+                     seconds=time.perf_counter() - t0, ref_s=ref_s, old_logp=old_rows,
                      tis_weight_mean=tis_sum / tis_n if tis_n else None)
         return stats
 
@@ -202,7 +203,7 @@ class Learner(WeightSenderMixin):
         gen = torch.Generator().manual_seed(seed)
         per = max(1, cfg.micro_batch_size // max(len(b["candidates"]) for b in batch))
         chunks = [batch[i : i + per] for i in range(0, len(batch), per)]
-        rewards, greedy, zero_var, agg, tokens = [], [], 0, {"loss": 0.0, "kl": 0.0}, 0
+        rewards, greedy, zero_var, agg, tokens, ref_s = [], [], 0, {"loss": 0.0, "kl": 0.0}, 0, 0.0
         for c, chunk in enumerate(chunks):
             self.ds_engine.set_gradient_accumulation_boundary(c == len(chunks) - 1)
             prompts, cands = [list(b["prompt_ids"]) for b in chunk], [[list(t) for t in b["candidates"]] for b in chunk]
@@ -210,8 +211,10 @@ class Learner(WeightSenderMixin):
             scores = (logp * mask).sum(1)  # [candidates of the chunk], prompt by prompt
             ref = None
             if cfg.beta != 0:
+                t_ref = time.perf_counter()
                 ref_logp, _ = self._logprobs(prompts, cands, reference=True)
                 ref = (ref_logp * mask).sum(1)
+                ref_s += time.perf_counter() - t_ref
             loss, at = 0.0, 0
             for b in chunk:
                 k = len(b["candidates"])
@@ -237,7 +240,7 @@ class Learner(WeightSenderMixin):
                 "hit_rate": float((flat == 1.0).float().mean()),  # sampled rankings with the target first
                 "greedy_ndcg": sum(greedy) / len(greedy),  # NDCG@rank_k of the score ranking, before the update
                 "zero_var_groups": zero_var / len(batch), "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens": tokens, "sequences": len(batch), "learner_s": time.perf_counter() - t0}
+                "tokens": tokens, "sequences": len(batch), "learner_s": time.perf_counter() - t0, "ref_s": ref_s}
 
     def logprobs(self, batch: list[dict]) -> dict:
         """Per-response token log-probs under the policy and the reference (adapter disabled), in batch order."""

@@ -134,7 +134,8 @@ def run_ours(args, model_path: str, data_dir: Path, work: Path, max_model_len: i
     out.update(total_s_incl_startup=total,
                rollout_tok_s=[r["rollout_tok_s"] for r in rows], sync_s=[r["sync_s"] for r in rows],
                sync_bytes=[r["sync_bytes"] for r in rows], sync_transport=rows[-1].get("sync_transport"),
-               learner_s=[r["learner_s"] for r in rows], reward_mean=[r["reward_mean"] for r in rows],
+               learner_s=[r["learner_s"] for r in rows], ref_s=[r.get("ref_s") for r in rows],
+               reward_mean=[r["reward_mean"] for r in rows],
                response_len=[r["response_len"] for r in rows], sample_ids=[r["sample_ids"] for r in rows],
                precision="vLLM bf16 rollout, DeepSpeed bf16 learner" if bf16_enabled(cfg.grpo.bf16) else "fp32")
     return out
@@ -400,8 +401,8 @@ def main() -> int:
               f"{f['learner_tokens']:.0f} tok at {f['bare_lora_fwd_bwd']['tok_s']:.0f} tok/s (bare LoRA "
               f"fwd+bwd) {f['learner_floor_s']:.1f}s")
         print(f"  our mean step {o['mean_step_s']:.1f}s = {f['ours_over_floor']:.2f}x the floor "
-              f"(learner {statistics.mean(measured_rows(o['learner_s'])):.1f}s, "
-              f"sync {statistics.mean(measured_rows(o['sync_s'])):.2f}s over {o['sync_transport']})")
+              f"(learner {statistics.mean(measured_rows(o['learner_s'])):.1f}s, of it the reference forward "
+              f"{statistics.mean(measured_rows(o['ref_s'])):.1f}s, sync {statistics.mean(measured_rows(o['sync_s'])):.2f}s)")
         if "bare_before" in f:
             print(f"  box speed: bare fwd+bwd {f['bare_before']['tok_s']:.0f} tok/s before ours, "
                   f"{f['bare_lora_fwd_bwd']['tok_s']:.0f} after"

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from mllmrec_ray.config import GRPOConfig, PipelineConfig
+from mllmrec_ray.config import PipelineConfig
 from mllmrec_ray.rl.prompt_pool import build_prompts, next_batch, shard
 
 # Test hook: kill rollout actor 0 right after it was handed its prompts at this step,
@@ -264,7 +264,8 @@ class Controller:
             "rollout_tok_s": tok_s, "sync_s": sync_s, "sync_bytes": sync["bytes"],
             # one sync's bytes over the base model's (learner dtype); adapter-only sync: ~1-4%
             "sync_frac": sync["bytes"] / max(self.model_bytes, 1), "sync_transport": sync["transport"],
-            "learner_s": stats.get("seconds"), "sample_ids": [grp["sample_id"] for grp in groups],
+            "learner_s": stats.get("seconds"), "ref_s": stats.get("ref_s"),
+            "sample_ids": [grp["sample_id"] for grp in groups],
         }
         return row, cursor
 

@@ -149,6 +149,7 @@ def test_packing_groups_into_one_forward_changes_nothing(cluster, tiny):
             ray.kill(learner)
     (packed, after_packed), (single, after_single) = results
     assert [len(r) for r in packed["old_logp"]] == [3, 2, 4, 1]
+    assert 0 < packed["ref_s"] < packed["seconds"]  # beta > 0: the reference forward is timed, inside the step
     assert packed["loss"] == pytest.approx(single["loss"], abs=1e-6)
     assert packed["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
     for a, b in zip(packed["old_logp"], single["old_logp"]):
@@ -182,6 +183,6 @@ def test_rank_step_raises_the_target_among_the_candidates(cluster, tiny):
     assert target_share(after, "logp") > target_share(before, "logp") + 0.1
     assert after["ref_logp"] == before["ref_logp"]
     first = stats[0]
-    assert first["sequences"] == 1 and first["tokens"] == len(PROMPT) + 8 and first["learner_s"] > 0
+    assert first["sequences"] == 1 and first["tokens"] == len(PROMPT) + 8 and 0 < first["ref_s"] < first["learner_s"]
     assert 0.0 <= first["reward_mean"] <= 1.0 and 0.0 <= first["hit_rate"] <= 1.0 and first["zero_var_groups"] in (0.0, 1.0)
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step samples under the reference itself
