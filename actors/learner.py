@@ -134,9 +134,10 @@ class Learner(WeightSenderMixin):
         else:
             shares = [float(sum(len(r) > 0 for group in resp for r in group)) for _, _, resp, _ in mbs]
         total_share, total_tokens = max(sum(shares), 1.0), max(sum(tokens), 1.0)
+        t_ref = time.perf_counter()
         ref = [self._logprobs(prompts, resp, reference=True)[0] if cfg.beta != 0 else None
                for _, prompts, resp, _ in mbs]
-        ref_s = time.perf_counter() - t0  # the reference forward: work the KL term adds to every step
+        ref_s = time.perf_counter() - t_ref  # the reference forward: work the KL term adds to every step
         old = None
         if cfg.updates_per_step > 1:  # with a single update old == current, taken from the same forward
             with torch.no_grad():
