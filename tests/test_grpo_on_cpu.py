@@ -89,6 +89,7 @@ def test_grpo_steps_sync_and_survive_a_killed_rollout_actor(ray_cluster, tiny_ll
         assert r["weights_version"] == r["step"] and r["sync_s"] > 0 and r["rollout_tok_s"] > 0
         assert -1.0 <= r["reward_mean"] <= 1.3 and 0.0 <= r["valid_rate"] <= 1.0
         assert r["kl"] is not None and r["loss"] is not None
+        assert 0 < r["ref_s"] < r["learner_s"]  # the KL reference forward, inside the learner's step
         # reward terms by name, scored on the controller; sampler vs learner gap; sync traffic
         assert {"reward/format", "reward/hit", "think_rate", "think_len", "skipped_groups"} <= set(r)
         assert r["reward_mean"] == pytest.approx(r["reward/format"] + r["reward/hit"])  # weights 1 / 1
