@@ -190,13 +190,15 @@ class Learner(WeightSenderMixin):
         """One GRPO step over rankings (`grpo.action: rank`, mllmrec_ray.rl.listwise); returns stats.
 
         Rows: {"prompt_ids": the prompt and the readout's shared tokens, "candidates": each candidate's
-        readout tokens, "target": the target's index among them}. A candidate's score is the summed
+        readout tokens, "target": the target's index among them, with grpo.rank_teacher "teacher": each
+        candidate's sequence-model rank as the prompt prints it}. A candidate's score is the summed
         log-prob of its tokens at grpo.temperature (at 1, the evaluation's score); G = group_size top-rank_k
         rankings are drawn per prompt from those scores (`seed`: the same draws on a resumed run) and
         rewarded with NDCG@rank_k; whole prompts go micro_batch_size candidates to a forward.
         """
         from mllmrec_ray.rl.grpo import group_advantages
-        from mllmrec_ray.rl.listwise import listwise_loss, ndcg_reward, plackett_luce_logprob, sample_rankings
+        from mllmrec_ray.rl.listwise import (listwise_loss, ndcg_reward, plackett_luce_logprob, sample_rankings,
+                                             teacher_ndcg_reward)
 
         if not batch:
             raise ValueError("rank_step got an empty batch")
@@ -204,7 +206,8 @@ class Learner(WeightSenderMixin):
         gen = torch.Generator().manual_seed(seed)
         per = max(1, cfg.micro_batch_size // max(len(b["candidates"]) for b in batch))
         chunks = [batch[i : i + per] for i in range(0, len(batch), per)]
-        rewards, greedy, zero_var, agg, tokens, ref_s = [], [], 0, {"loss": 0.0, "kl": 0.0}, 0, 0.0
+        rewards, targets, greedy, greedy_teacher, zero_var, tokens, ref_s = [], [], [], [], 0, 0, 0.0
+        agg, w = {"loss": 0.0, "kl": 0.0}, cfg.rank_teacher
         for c, chunk in enumerate(chunks):
             self.ds_engine.set_gradient_accumulation_boundary(c == len(chunks) - 1)
             prompts, cands = [list(b["prompt_ids"]) for b in chunk], [[list(t) for t in b["candidates"]] for b in chunk]
@@ -222,13 +225,21 @@ class Learner(WeightSenderMixin):
                 s, r = scores[at : at + k], None if ref is None else ref[at : at + k]
                 at += k
                 ranks = sample_rankings(s, cfg.group_size, min(cfg.rank_k, k), gen)
-                rew = ndcg_reward(ranks, int(b["target"]))
+                rew = target_rew = ndcg_reward(ranks, int(b["target"]))
+                if w:  # grpo.rank_teacher: part of the reward for following the prompt's sequence-model ranks
+                    if b.get("teacher") is None:
+                        raise ValueError("grpo.rank_teacher is set but a rank_step row has no 'teacher' ranks")
+                    rew = (1 - w) * target_rew + w * teacher_ndcg_reward(ranks, torch.as_tensor(b["teacher"]))
                 adv = group_advantages(rew[None], std_normalize=cfg.std_normalize)[0]
                 lp = plackett_luce_logprob(s, ranks)
                 term, st = listwise_loss(lp, None if r is None else plackett_luce_logprob(r, ranks), adv, cfg.beta)
                 loss = loss + term / len(batch)
                 rewards.append(rew)
-                greedy.append(float(ndcg_reward(s.detach().topk(min(cfg.rank_k, k)).indices[None], int(b["target"]))[0]))
+                targets.append(target_rew)
+                top = s.detach().topk(min(cfg.rank_k, k)).indices[None]
+                greedy.append(float(ndcg_reward(top, int(b["target"]))[0]))
+                if w:
+                    greedy_teacher.append(float(teacher_ndcg_reward(top, torch.as_tensor(b["teacher"]))[0]))
                 zero_var += int(rew.max() == rew.min())
                 for key in agg:
                     agg[key] += st[key] / len(batch)
@@ -236,10 +247,13 @@ class Learner(WeightSenderMixin):
             self.ds_engine.backward(loss, scale_wrt_gas=False)  # 1/len(batch) per prompt: the batch mean
         self.ds_engine.step()
         grad_norm = self.ds_engine.get_global_grad_norm()
-        flat = torch.cat(rewards)
+        flat, target_flat = torch.cat(rewards), torch.cat(targets)
         return {**agg, "reward_mean": float(flat.mean()), "reward_std": float(flat.std(unbiased=False)),
-                "hit_rate": float((flat == 1.0).float().mean()),  # sampled rankings with the target first
+                "target_ndcg": float(target_flat.mean()),  # the target's part alone (= reward_mean without a teacher)
+                "hit_rate": float((target_flat == 1.0).float().mean()),  # sampled rankings with the target first
                 "greedy_ndcg": sum(greedy) / len(greedy),  # NDCG@rank_k of the score ranking, before the update
+                # the same ranking against the sequence-model ranks (grpo.rank_teacher): how far it follows them
+                "greedy_teacher_ndcg": sum(greedy_teacher) / len(greedy_teacher) if greedy_teacher else None,
                 "zero_var_groups": zero_var / len(batch), "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens": tokens, "sequences": len(batch), "learner_s": time.perf_counter() - t0, "ref_s": ref_s}
 

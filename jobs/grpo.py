@@ -60,6 +60,10 @@ class Controller:
         self.prompts = build_prompts(cfg, data_dir, stage1_dir, tokenizer)
         self.RolloutActor = RolloutActor
         g = self.g
+        if g.rank_teacher > 0 and (g.action != "rank" or any("seq_ranks" not in p for p in self.prompts)):
+            raise ValueError(f"grpo.rank_teacher={g.rank_teacher} needs grpo.action: rank (is {g.action!r}) and the "
+                             f"sequence-model ranks in the prompt: prompt.collab and prompt.collab_seq on "
+                             f"(are {cfg.prompt.collab} and {cfg.prompt.collab_seq})")
         self.learner = LearnerActor.options(num_cpus=g.learner_resources.num_cpus,
                                             num_gpus=g.learner_resources.num_gpus).remote(model_path, g, cfg.model.lora)
         self.version = 0
@@ -73,7 +77,9 @@ class Controller:
                 cands = [str(c) for c in p["candidates"]]
                 extra, p["readout"] = readout_tokens(tokenizer, cands, [None] * len(cands), "id")
                 p["readout_prompt"] = p["prompt_ids"] + extra
-            print(f"[grpo] action: rank (Plackett-Luce over the id readout, reward NDCG@{g.rank_k})", flush=True)
+            reward = (f"{1 - g.rank_teacher:g} x NDCG@{g.rank_k} + {g.rank_teacher:g} x NDCG@{g.rank_k} against the "
+                      f"prompt's sequence-model ranks" if g.rank_teacher else f"NDCG@{g.rank_k}")
+            print(f"[grpo] action: rank (Plackett-Luce over the id readout, reward {reward})", flush=True)
             return
         self.actors = [self._new_actor(i) for i in range(g.rollout_actors)]
         from actors.weight_sync import resolve_transport
@@ -275,7 +281,8 @@ class Controller:
         g = self.g
         indices, cursor = next_batch(len(self.prompts), g.seed, cursor, g.prompts_per_step)
         batch = [{"prompt_ids": self.prompts[i]["readout_prompt"], "candidates": self.prompts[i]["readout"],
-                  "target": [str(c) for c in self.prompts[i]["candidates"]].index(str(self.prompts[i]["target"]))}
+                  "target": [str(c) for c in self.prompts[i]["candidates"]].index(str(self.prompts[i]["target"])),
+                  "teacher": self.prompts[i].get("seq_ranks")}
                  for i in indices]
         # per-step seed: a resumed run draws the same rankings
         stats = self.ray.get(self.learner.rank_step.remote(batch, seed=g.seed * 1_000_003 + step * 7919))
@@ -318,7 +325,8 @@ class Controller:
                     writer.add_scalar(f"grpo/{k}", v, step)
             writer.flush()
             first = first or row
-            tail = (f"greedy-ndcg {row['greedy_ndcg']:.3f}" if g.action == "rank" else
+            teacher = f" teacher {row['greedy_teacher_ndcg']:.3f}" if row.get("greedy_teacher_ndcg") is not None else ""
+            tail = (f"greedy-ndcg {row['greedy_ndcg']:.3f}{teacher}" if g.action == "rank" else
                     f"valid {row['valid_rate']:.2f} gap {row['logprob_gap'] or 0:.4f} "
                     f"rollout {row['rollout_tok_s'] or 0:.0f} tok/s sync {row['sync_s']:.2f}s")
             print(f"[grpo] step {step}/{g.steps} reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} "

@@ -260,6 +260,11 @@ class GRPOConfig:
         rankings per prompt and rewards each with its NDCG@rank_k, so rank 2-5 moves are paid too;
         no rollout engine, no weight sync (rollout_*, top_p, max_new_tokens, reward, tis_cap and
         dynamic_sampling are unused).
+    rank_teacher: with `rank`, the weight w of a second reward term: reward = (1 - w) NDCG@rank_k of the
+        target + w NDCG@rank_k against the ranking the prompt's sequence-model evidence gives
+        (prompt.collab_seq; the cross-fitted SASRec rank printed before each candidate, graded
+        relevance rank_k..1 for its first rank_k). It pays for following that evidence at every place,
+        where the target pays one place per prompt (an extension; 0 = off).
     dynamic_sampling: `skip` drops groups whose rewards are all equal from the learner batch
         (they carry no gradient but dilute the mean); `refill` drops them and samples more prompts,
         up to refill_rounds (default 3) extra rollout rounds, until prompts_per_step groups with reward variance
@@ -268,6 +273,7 @@ class GRPOConfig:
 
     action: Literal["generate", "rank"] = "generate"
     rank_k: PosInt = 3
+    rank_teacher: Annotated[Float, Field(ge=0, le=1)] = 0.0
     group_size: PosInt = 8
     temperature: NonNegFloat = 0.9
     top_p: Annotated[Float, Field(gt=0, le=1)] = 0.9

@@ -262,7 +262,8 @@ def make_record(attempt: dict, seconds: float | None = None) -> dict:
 # Switches added after runs were recorded, at the value that reproduces those runs: left out
 # of the comparison like a key at None, so an old record still matches a config that leaves them off.
 OFF_VALUES: dict[str, Any] = {"prompt.collab_seq": False, "prompt.evidence_style": "words",
-                              "prompt.instructions": "full", "grpo.action": "generate", "grpo.rank_k": 3}
+                              "prompt.instructions": "full", "grpo.action": "generate", "grpo.rank_k": 3,
+                              "grpo.rank_teacher": 0.0}
 
 
 def comparable(settings: dict | None, stage: str) -> dict:

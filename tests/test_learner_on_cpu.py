@@ -186,3 +186,29 @@ def test_rank_step_raises_the_target_among_the_candidates(cluster, tiny):
     assert first["sequences"] == 1 and first["tokens"] == len(PROMPT) + 8 and 0 < first["ref_s"] < first["learner_s"]
     assert 0.0 <= first["reward_mean"] <= 1.0 and 0.0 <= first["hit_rate"] <= 1.0 and first["zero_var_groups"] in (0.0, 1.0)
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step samples under the reference itself
+    assert first["target_ndcg"] == pytest.approx(first["reward_mean"]) and first["greedy_teacher_ndcg"] is None
+
+
+def test_rank_step_with_a_teacher_follows_the_teacher_ranks(cluster, tiny):
+    """`grpo.rank_teacher: 1`: the reward is NDCG against the prompt's sequence-model ranks alone, so the
+    candidate the teacher ranks first gains share although the target is another; the target's part is still
+    reported. A row without ranks is refused."""
+    from actors.learner import LearnerActor
+
+    cands = [[50, 51], [60, 61], [70, 71], [80, 81]]
+    teacher, target = [3, 1, 4, 2], 2  # the teacher ranks candidate 1 first
+    as_rows = [{"prompt_ids": PROMPT, "response_ids": c} for c in cands]
+    share = lambda out: float(torch.log_softmax(torch.tensor([sum(r) for r in out["logp"]]), 0)[1])
+    cfg = GRPOConfig(lr=1e-2, micro_batch_size=8, bf16=False, beta=0.01, group_size=8, rank_k=2, rank_teacher=1.0)
+    learner = LearnerActor.options(num_cpus=1).remote(tiny, cfg, LoraConfig(r=8, alpha=16))
+    try:
+        before = ray.get(learner.logprobs.remote(as_rows))
+        batch = [{"prompt_ids": PROMPT, "candidates": cands, "target": target, "teacher": teacher}]
+        stats = [ray.get(learner.rank_step.remote(batch, seed=s)) for s in range(6)]
+        after = ray.get(learner.logprobs.remote(as_rows))
+        with pytest.raises(ValueError, match="no 'teacher' ranks"):
+            ray.get(learner.rank_step.remote([{**batch[0], "teacher": None}]))
+    finally:
+        ray.kill(learner)
+    assert share(after) > share(before) + 0.1
+    assert all(0.0 <= s["greedy_teacher_ndcg"] <= 1.0 and 0.0 <= s["target_ndcg"] <= 1.0 for s in stats)

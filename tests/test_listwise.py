@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mllmrec_ray.rl.grpo import group_advantages
-from mllmrec_ray.rl.listwise import listwise_loss, ndcg_reward, plackett_luce_logprob, sample_rankings
+from mllmrec_ray.rl.listwise import (listwise_loss, ndcg_reward, plackett_luce_logprob, sample_rankings,
+                                     teacher_ndcg_reward)
 
 
 def test_plackett_luce_logprob_is_a_distribution_over_top_k_rankings():
@@ -39,6 +40,34 @@ def test_gumbel_top_k_draws_follow_plackett_luce():
 def test_ndcg_reward_pays_for_the_target_place():
     ranks = torch.tensor([[4, 0, 1], [0, 4, 1], [0, 1, 4], [0, 1, 2]])
     assert ndcg_reward(ranks, 4).tolist() == pytest.approx([1.0, 1 / math.log2(3), 0.5, 0.0])
+
+
+def test_teacher_ndcg_reward_is_graded_ndcg_against_the_teacher_ranks():
+    # teacher ranks of 5 candidates (1-based): candidate 3 first, then 0, then 4; k = 3 -> relevance 3, 2, 1
+    teacher = torch.tensor([2, 5, 4, 1, 3])
+    d = [1.0, 1 / math.log2(3), 0.5]
+    ideal = 3 * d[0] + 2 * d[1] + 1 * d[2]
+    ranks = torch.tensor([[3, 0, 4], [3, 4, 0], [0, 3, 4], [1, 2, 3], [1, 2, 4]])
+    want = [1.0, (3 * d[0] + 1 * d[1] + 2 * d[2]) / ideal, (2 * d[0] + 3 * d[1] + 1 * d[2]) / ideal,
+            3 * d[2] / ideal, 1 * d[2] / ideal]
+    assert teacher_ndcg_reward(ranks, teacher).tolist() == pytest.approx(want, abs=1e-6)
+    # no evidence (an empty history prints no rank): no teacher reward at all
+    assert teacher_ndcg_reward(ranks, torch.zeros(5, dtype=torch.long)).tolist() == [0.0] * 5
+
+
+def test_teacher_reward_moves_the_scores_into_the_teacher_order():
+    """The same SGD as below with the teacher reward alone must sort the top 3 scores as the teacher does."""
+    scores = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5], requires_grad=True)
+    teacher, gen = torch.tensor([6, 4, 5, 1, 3, 2]), torch.Generator().manual_seed(1)  # wants 3, 5, 4 first
+    opt = torch.optim.SGD([scores], lr=0.5)
+    for _ in range(300):
+        ranks = sample_rankings(scores, 8, 3, gen)
+        adv = group_advantages(teacher_ndcg_reward(ranks, teacher)[None])[0]
+        loss, _ = listwise_loss(plackett_luce_logprob(scores, ranks), None, adv, beta=0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert scores.detach().topk(3).indices.tolist() == [3, 5, 4]
 
 
 def test_policy_gradient_over_sampled_rankings_moves_the_target_up():

@@ -213,3 +213,35 @@ def test_sasrec_row_reuses_the_evidence_model_and_it_is_the_model_a_retrain_give
             names = list(stages)
             assert names.index("seqrec") < names.index("sasrec")
             assert "seqrec" in fp.dependencies(names, with_captions=False)["sasrec"]
+
+
+def test_grpo_prompt_pool_carries_the_ranks_the_prompt_prints(fitted, tmp_path, tiny_llama):
+    """`grpo.rank_teacher` rewards agreement with `seq_ranks`: they must be the ranks the policy reads in its
+    own prompt (the cross-fitted model's for a training user), candidate by candidate, for both styles."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    from mllmrec_ray.config import PipelineConfig
+    from mllmrec_ray.rl.prompt_pool import build_prompts
+
+    items, samples, seqs, ev = fitted
+    data = tmp_path / "data"
+    data.mkdir()
+    samples.to_parquet(data / "samples.parquet")
+    items.to_parquet(data / "items.parquet")
+    torch.save(ev.state(), data / SEQ_EVIDENCE)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    by_id = {r["sample_id"]: r for r in samples.to_dict("records")}
+    for style in ("words", "short"):
+        cfg = PipelineConfig()
+        cfg.prompt = PromptConfig(collab=True, collab_seq=True, with_captions=False, evidence_style=style)
+        cfg.model.engine.max_model_len = 8192  # the tiny tokenizer spends a token per character
+        prompts = build_prompts(cfg, data, tmp_path / "stage1", tok)
+        assert prompts and all(by_id[p["sample_id"]]["split"] == "train" for p in prompts)
+        for p in prompts:
+            s = by_id[p["sample_id"]]
+            assert [int(r) for r in re.findall(r"rank (\d+)[/)]", p["prompt"])] == p["seq_ranks"]
+            assert p["seq_ranks"] == ev.ranks(s["history"], s["candidates"], s["user_id"])
+    cfg.prompt = PromptConfig(collab=True, with_captions=False)
+    assert all("seq_ranks" not in p for p in build_prompts(cfg, data, tmp_path / "stage1", tok))

@@ -50,6 +50,20 @@ def ndcg_reward(rankings: Tensor, target: int) -> Tensor:
     return torch.where(hit.any(dim=1), 1.0 / torch.log2(place.float() + 2.0), torch.zeros(len(rankings)))
 
 
+def teacher_ndcg_reward(rankings: Tensor, teacher_ranks: Tensor) -> Tensor:
+    """[n] NDCG@k of each ranking against a teacher's ranks of the candidates (1-based, 0 = no rank):
+    graded relevance k + 1 - rank for the teacher's first k (k, ..., 1), 0 below; all 0 without ranks.
+    A ranking that copies the teacher's first k in order gets 1, one that swaps its 2nd and 3rd 0.98."""
+    k = rankings.shape[1]
+    ranks = teacher_ranks.long()
+    rel = torch.where((ranks >= 1) & (ranks <= k), k + 1 - ranks, torch.zeros_like(ranks)).double()
+    disc = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64) + 2.0)
+    ideal = float((rel.sort(descending=True).values[:k] * disc[: min(k, len(rel))]).sum())
+    if ideal == 0.0:
+        return torch.zeros(len(rankings))
+    return ((rel[rankings] * disc).sum(dim=1) / ideal).float()
+
+
 def listwise_loss(logp: Tensor, ref_logp: Tensor | None, advantages: Tensor, beta: float) -> tuple[Tensor, dict]:
     """Mean over the group's sampled rankings of -advantage * log P(ranking) + beta * k3 KL(policy || ref)
     on the same rankings (on-policy, one update per sample: the clipped ratio is 1, as in `grpo_loss`)."""

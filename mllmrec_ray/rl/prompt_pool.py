@@ -50,6 +50,9 @@ def build_prompts(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, tokeniz
                              f"raise model.engine.max_model_len or set prompt.with_captions: false")
         prompts.append({"sample_id": s["sample_id"], "prompt": text, "prompt_ids": ids,
                         "target": s["target"], "candidates": list(s[key])})
+        if collab is not None and collab.seq is not None:  # the ranks the prompt prints (grpo.rank_teacher)
+            prompts[-1]["seq_ranks"] = collab.seq.ranks([str(h) for h in s["history"]], [str(c) for c in s[key]],
+                                                        s.get("user_id"))
     if not prompts:
         raise ValueError(f"{data_dir}/samples.parquet has no train samples")
     return prompts
