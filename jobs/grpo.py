@@ -60,10 +60,6 @@ class Controller:
         self.prompts = build_prompts(cfg, data_dir, stage1_dir, tokenizer)
         self.RolloutActor = RolloutActor
         g = self.g
-        if g.rank_teacher > 0 and (g.action != "rank" or any("seq_ranks" not in p for p in self.prompts)):
-            raise ValueError(f"grpo.rank_teacher={g.rank_teacher} needs grpo.action: rank (is {g.action!r}) and the "
-                             f"sequence-model ranks in the prompt: prompt.collab and prompt.collab_seq on "
-                             f"(are {cfg.prompt.collab} and {cfg.prompt.collab_seq})")
         self.learner = LearnerActor.options(num_cpus=g.learner_resources.num_cpus,
                                             num_gpus=g.learner_resources.num_gpus).remote(model_path, g, cfg.model.lora)
         self.version = 0

@@ -245,3 +245,10 @@ def test_grpo_prompt_pool_carries_the_ranks_the_prompt_prints(fitted, tmp_path, 
             assert p["seq_ranks"] == ev.ranks(s["history"], s["candidates"], s["user_id"])
     cfg.prompt = PromptConfig(collab=True, with_captions=False)
     assert all("seq_ranks" not in p for p in build_prompts(cfg, data, tmp_path / "stage1", tok))
+    # a teacher reward without ranks in the prompt, or outside rank mode, is refused before any model loads
+    cfg.grpo.action, cfg.grpo.rank_teacher = "rank", 0.5
+    with pytest.raises(ValueError, match=r"grpo.rank_teacher=0.5 needs .* prompt.collab_seq on \(are True and False\)"):
+        build_prompts(cfg, data, tmp_path / "stage1", tok)
+    cfg.prompt.collab_seq, cfg.grpo.action = True, "generate"
+    with pytest.raises(ValueError, match="needs grpo.action: rank \\(is 'generate'\\)"):
+        build_prompts(cfg, data, tmp_path / "stage1", tok)

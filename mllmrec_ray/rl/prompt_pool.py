@@ -20,6 +20,11 @@ def build_prompts(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, tokeniz
 
     items = load_items(data_dir, stage1_dir / "captions.parquet" if cfg.prompt.with_captions else None)
     collab = load_collab(data_dir, cfg.prompt)
+    g = cfg.grpo
+    if g.rank_teacher > 0 and (g.action != "rank" or collab is None or collab.seq is None):
+        raise ValueError(f"grpo.rank_teacher={g.rank_teacher} needs grpo.action: rank (is {g.action!r}) and the "
+                         f"sequence-model ranks in the prompt: prompt.collab and prompt.collab_seq on (are "
+                         f"{cfg.prompt.collab} and {cfg.prompt.collab_seq})")
     reasoning = load_reasoning(stage1_dir / "cot.parquet", stage1_dir / "mda.parquet", "selected_grpo",
                                cfg.stage1.cot_source)
     key = candidate_column(cfg.prompt.n_candidates)
