@@ -235,6 +235,7 @@ def test_grpo_prompt_pool_carries_the_ranks_the_prompt_prints(fitted, tmp_path, 
     by_id = {r["sample_id"]: r for r in samples.to_dict("records")}
     for style in ("words", "short"):
         cfg = PipelineConfig()
+        cfg.grpo.action, cfg.grpo.rank_teacher = "rank", 0.5
         cfg.prompt = PromptConfig(collab=True, collab_seq=True, with_captions=False, evidence_style=style)
         cfg.model.engine.max_model_len = 8192  # the tiny tokenizer spends a token per character
         prompts = build_prompts(cfg, data, tmp_path / "stage1", tok)
@@ -243,10 +244,11 @@ def test_grpo_prompt_pool_carries_the_ranks_the_prompt_prints(fitted, tmp_path, 
             s = by_id[p["sample_id"]]
             assert [int(r) for r in re.findall(r"rank (\d+)[/)]", p["prompt"])] == p["seq_ranks"]
             assert p["seq_ranks"] == ev.ranks(s["history"], s["candidates"], s["user_id"])
-    cfg.prompt = PromptConfig(collab=True, with_captions=False)
+    cfg.grpo.rank_teacher = 0.0  # off: no ranks carried
     assert all("seq_ranks" not in p for p in build_prompts(cfg, data, tmp_path / "stage1", tok))
     # a teacher reward without ranks in the prompt, or outside rank mode, is refused before any model loads
-    cfg.grpo.action, cfg.grpo.rank_teacher = "rank", 0.5
+    cfg.grpo.rank_teacher = 0.5
+    cfg.prompt = PromptConfig(collab=True, with_captions=False)
     with pytest.raises(ValueError, match=r"grpo.rank_teacher=0.5 needs .* prompt.collab_seq on \(are True and False\)"):
         build_prompts(cfg, data, tmp_path / "stage1", tok)
     cfg.prompt.collab_seq, cfg.grpo.action = True, "generate"

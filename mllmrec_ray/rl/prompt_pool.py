@@ -55,7 +55,7 @@ def build_prompts(cfg: PipelineConfig, data_dir: Path, stage1_dir: Path, tokeniz
                              f"raise model.engine.max_model_len or set prompt.with_captions: false")
         prompts.append({"sample_id": s["sample_id"], "prompt": text, "prompt_ids": ids,
                         "target": s["target"], "candidates": list(s[key])})
-        if collab is not None and collab.seq is not None:  # the ranks the prompt prints (grpo.rank_teacher)
+        if g.rank_teacher > 0:  # the ranks the prompt prints, the teacher's (checked above: collab.seq is set)
             prompts[-1]["seq_ranks"] = collab.seq.ranks([str(h) for h in s["history"]], [str(c) for c in s[key]],
                                                         s.get("user_id"))
     if not prompts:
