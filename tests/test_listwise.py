@@ -57,33 +57,32 @@ def test_teacher_ndcg_reward_is_graded_ndcg_against_the_teacher_ranks():
 
 def test_teacher_reward_moves_the_scores_into_the_teacher_order():
     """The same SGD as below with the teacher reward alone must sort the top 3 scores as the teacher does."""
-    scores = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5], requires_grad=True)
-    teacher, gen = torch.tensor([6, 4, 5, 1, 3, 2]), torch.Generator().manual_seed(1)  # wants 3, 5, 4 first
-    opt = torch.optim.SGD([scores], lr=0.5)
-    for _ in range(300):
-        ranks = sample_rankings(scores, 8, 3, gen)
-        adv = group_advantages(teacher_ndcg_reward(ranks, teacher)[None])[0]
-        loss, _ = listwise_loss(plackett_luce_logprob(scores, ranks), None, adv, beta=0.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert scores.detach().topk(3).indices.tolist() == [3, 5, 4]
+    teacher = torch.tensor([6, 4, 5, 1, 3, 2])  # wants 3, 5, 4 first
+    scores = _sgd_on_sampled_rankings(lambda ranks: teacher_ndcg_reward(ranks, teacher), steps=300)
+    assert scores.topk(3).indices.tolist() == [3, 5, 4]
 
 
 def test_policy_gradient_over_sampled_rankings_moves_the_target_up():
     """SGD on the group-relative loss alone (as the learner does per prompt) must bring a target that starts
     4th of 6 to the first place: the estimator's sign and the advantages are right."""
+    target = 3
+    scores = _sgd_on_sampled_rankings(lambda ranks: ndcg_reward(ranks, target), steps=150)
+    assert int(scores.argmax()) == target
+
+
+def _sgd_on_sampled_rankings(reward, steps: int) -> torch.Tensor:
+    """SGD from scores [2.0, 1.5, ..., -0.5] on the group-relative loss of 8 sampled top-3 rankings per step,
+    each paid `reward(rankings)`; the final scores."""
     scores = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5], requires_grad=True)
-    target, gen = 3, torch.Generator().manual_seed(1)
-    opt = torch.optim.SGD([scores], lr=0.5)
-    for _ in range(150):
+    gen, opt = torch.Generator().manual_seed(1), torch.optim.SGD([scores], lr=0.5)
+    for _ in range(steps):
         ranks = sample_rankings(scores, 8, 3, gen)
-        adv = group_advantages(ndcg_reward(ranks, target)[None])[0]
-        loss, stats = listwise_loss(plackett_luce_logprob(scores, ranks), None, adv, beta=0.0)
+        adv = group_advantages(reward(ranks)[None])[0]
+        loss, _ = listwise_loss(plackett_luce_logprob(scores, ranks), None, adv, beta=0.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert int(scores.argmax()) == target
+    return scores.detach()
 
 
 def test_kl_term_is_zero_at_the_reference_and_pulls_back_to_it():

@@ -86,17 +86,24 @@ def test_prompt_shows_the_rank_and_load_collab_names_a_missing_file(fitted, tmp_
     assert "next-item rank" not in no_hist and SEQ_LEGEND.strip() not in no_hist
 
 
+def _data_with_evidence(fitted, tmp_path):
+    """A data dir holding the fixture's samples, items and sequence-model evidence."""
+    items, samples, _, ev = fitted
+    data = tmp_path / "data"
+    data.mkdir()
+    samples.to_parquet(data / "samples.parquet")
+    items.to_parquet(data / "items.parquet")
+    torch.save(ev.state(), data / SEQ_EVIDENCE)
+    return data
+
+
 def test_short_evidence_style_writes_the_same_levels_and_ranks_in_fewer_tokens(fitted, tmp_path):
     """prompt.evidence_style: short: "(pop p, fol f, rank r):" carries exactly the words style's numbers,
     its legend names the scales, and a prompt with no history shows no rank (nor its legend)."""
     import re
 
     items, samples, seqs, ev = fitted
-    data = tmp_path / "data"
-    data.mkdir()
-    samples.to_parquet(data / "samples.parquet")
-    items.to_parquet(data / "items.parquet")
-    torch.save(ev.state(), data / SEQ_EVIDENCE)
+    data = _data_with_evidence(fitted, tmp_path)
     words = load_collab(data, PromptConfig(collab=True, collab_seq=True))
     short = load_collab(data, PromptConfig(collab=True, collab_seq=True, evidence_style="short"))
     assert (words.style, short.style) == ("words", "short")
@@ -226,11 +233,7 @@ def test_grpo_prompt_pool_carries_the_ranks_the_prompt_prints(fitted, tmp_path, 
     from mllmrec_ray.rl.prompt_pool import build_prompts
 
     items, samples, seqs, ev = fitted
-    data = tmp_path / "data"
-    data.mkdir()
-    samples.to_parquet(data / "samples.parquet")
-    items.to_parquet(data / "items.parquet")
-    torch.save(ev.state(), data / SEQ_EVIDENCE)
+    data = _data_with_evidence(fitted, tmp_path)
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     by_id = {r["sample_id"]: r for r in samples.to_dict("records")}
     for style in ("words", "short"):
