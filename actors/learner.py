@@ -147,7 +147,7 @@ class Learner(WeightSenderMixin):
 
         per_update = []
         for u in range(cfg.updates_per_step):
-            agg = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
+            agg = {"loss": 0.0, "kl": 0.0 if cfg.beta != 0 else None, "clip_frac": 0.0, "ratio_mean": 0.0}
             for k, (idx, prompts, resp, adv) in enumerate(mbs):
                 self.ds_engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
                 logp, rmask = self._logprobs(prompts, resp)
@@ -172,8 +172,9 @@ class Learner(WeightSenderMixin):
                 w = shares[k] / total_share
                 self.ds_engine.backward(loss * w, scale_wrt_gas=False)  # weights sum to 1: the batch mean
                 agg["loss"] += w * st["loss"]
-                for key in ("kl", "clip_frac", "ratio_mean"):  # per-token statistics
-                    agg[key] += tokens[k] / total_tokens * st[key]
+                for key in ("kl", "clip_frac", "ratio_mean"):  # per-token statistics; kl None: not measured
+                    if st[key] is not None:
+                        agg[key] += tokens[k] / total_tokens * st[key]
             self.ds_engine.step()
             grad_norm = self.ds_engine.get_global_grad_norm()
             agg["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -207,7 +208,7 @@ class Learner(WeightSenderMixin):
         per = max(1, cfg.micro_batch_size // max(len(b["candidates"]) for b in batch))
         chunks = [batch[i : i + per] for i in range(0, len(batch), per)]
         rewards, targets, greedy, greedy_teacher, zero_var, tokens, ref_s = [], [], [], [], 0, 0, 0.0
-        agg, w = {"loss": 0.0, "kl": 0.0}, cfg.rank_teacher
+        agg, w = {"loss": 0.0, "kl": 0.0 if cfg.beta != 0 else None}, cfg.rank_teacher
         for c, chunk in enumerate(chunks):
             self.ds_engine.set_gradient_accumulation_boundary(c == len(chunks) - 1)
             prompts, cands = [list(b["prompt_ids"]) for b in chunk], [[list(t) for t in b["candidates"]] for b in chunk]
@@ -242,7 +243,8 @@ class Learner(WeightSenderMixin):
                     greedy_teacher.append(float(teacher_ndcg_reward(top, torch.as_tensor(b["teacher"]))[0]))
                 zero_var += int(rew.max() == rew.min())
                 for key in agg:
-                    agg[key] += st[key] / len(batch)
+                    if st[key] is not None:  # kl None: beta 0, no reference forward
+                        agg[key] += st[key] / len(batch)
             tokens += sum(len(p) for p in prompts) + int(mask.sum())
             self.ds_engine.backward(loss, scale_wrt_gas=False)  # 1/len(batch) per prompt: the batch mean
         self.ds_engine.step()

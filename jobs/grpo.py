@@ -321,12 +321,13 @@ class Controller:
                     writer.add_scalar(f"grpo/{k}", v, step)
             writer.flush()
             first = first or row
+            kl = "n/a" if row["kl"] is None else f"{row['kl']:.4f}"  # None: beta 0, KL not measured
             teacher = f" teacher {row['greedy_teacher_ndcg']:.3f}" if row.get("greedy_teacher_ndcg") is not None else ""
             tail = (f"greedy-ndcg {row['greedy_ndcg']:.3f}{teacher}" if g.action == "rank" else
                     f"valid {row['valid_rate']:.2f} gap {row['logprob_gap'] or 0:.4f} "
                     f"rollout {row['rollout_tok_s'] or 0:.0f} tok/s sync {row['sync_s']:.2f}s")
             print(f"[grpo] step {step}/{g.steps} reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} "
-                  f"hit {row['hit_rate']:.2f} zero-var {row['zero_var_groups']:.2f} kl {row['kl'] or 0:.4f} "
+                  f"hit {row['hit_rate']:.2f} zero-var {row['zero_var_groups']:.2f} kl {kl} "
                   f"loss {row['loss'] or 0:.4f} {tail} step {row['step_s']:.1f}s", flush=True)
             if g.checkpoint_every and (step % g.checkpoint_every == 0 or step == g.steps):
                 self.save_checkpoint(step, cursor)

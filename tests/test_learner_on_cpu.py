@@ -134,13 +134,15 @@ def test_checkpoint_resume_gives_identical_next_step(cluster, tiny, tmp_path):
 
 def test_packing_groups_into_one_forward_changes_nothing(cluster, tiny):
     """micro_batch_size 8 puts both prompts' groups in one forward (responses packed over each prompt's
-    cache); micro_batch_size 1 runs one response per forward: same loss, same update, rows in batch order."""
+    cache); micro_batch_size 1 runs one response per forward: same loss, same update, rows in batch order.
+    The second runs at beta 0: at the first step the policy is the reference (LoRA B = 0), so the KL term adds
+    nothing to the loss or its gradient, and that step must skip the reference forward and report kl as None."""
     from actors.learner import LearnerActor
 
     batch = BATCH + [{"prompt_ids": PROMPT[:4], "response_ids": [44], "advantage": 0.5}]
     results = []
-    for m in (8, 1):
-        cfg = GRPOConfig(lr=1e-2, micro_batch_size=m, bf16=False, beta=0.05)
+    for m, beta in ((8, 0.05), (1, 0.0)):
+        cfg = GRPOConfig(lr=1e-2, micro_batch_size=m, bf16=False, beta=beta)
         learner = LearnerActor.options(num_cpus=1).remote(tiny, cfg, LoraConfig(r=8, alpha=16))
         try:
             stats = ray.get(learner.train_step.remote(batch))
@@ -150,6 +152,7 @@ def test_packing_groups_into_one_forward_changes_nothing(cluster, tiny):
     (packed, after_packed), (single, after_single) = results
     assert [len(r) for r in packed["old_logp"]] == [3, 2, 4, 1]
     assert 0 < packed["ref_s"] < packed["seconds"]  # beta > 0: the reference forward is timed, inside the step
+    assert packed["kl"] == pytest.approx(0.0, abs=1e-7) and single["kl"] is None and single["ref_s"] < 1e-3
     assert packed["loss"] == pytest.approx(single["loss"], abs=1e-6)
     assert packed["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
     for a, b in zip(packed["old_logp"], single["old_logp"]):
@@ -199,7 +202,7 @@ def test_rank_step_with_a_teacher_follows_the_teacher_ranks(cluster, tiny):
     teacher, target = [3, 1, 4, 2], 2  # the teacher ranks candidate 1 first
     as_rows = [{"prompt_ids": PROMPT, "response_ids": c} for c in cands]
     share = lambda out: float(torch.log_softmax(torch.tensor([sum(r) for r in out["logp"]]), 0)[1])
-    cfg = GRPOConfig(lr=1e-2, micro_batch_size=8, bf16=False, beta=0.01, group_size=8, rank_k=2, rank_teacher=1.0)
+    cfg = GRPOConfig(lr=1e-2, micro_batch_size=8, bf16=False, beta=0.0, group_size=8, rank_k=2, rank_teacher=1.0)
     learner = LearnerActor.options(num_cpus=1).remote(tiny, cfg, LoraConfig(r=8, alpha=16))
     try:
         before = ray.get(learner.logprobs.remote(as_rows))
@@ -212,3 +215,4 @@ def test_rank_step_with_a_teacher_follows_the_teacher_ranks(cluster, tiny):
         ray.kill(learner)
     assert share(after) > share(before) + 0.1
     assert all(0.0 <= s["greedy_teacher_ndcg"] <= 1.0 and 0.0 <= s["target_ndcg"] <= 1.0 for s in stats)
+    assert all(s["kl"] is None and s["ref_s"] == 0.0 for s in stats)  # beta 0: no reference forward, KL not measured

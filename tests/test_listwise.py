@@ -85,7 +85,7 @@ def _sgd_on_sampled_rankings(reward, steps: int) -> torch.Tensor:
     return scores.detach()
 
 
-def test_kl_term_is_zero_at_the_reference_and_pulls_back_to_it():
+def test_kl_term_is_zero_at_the_reference_pulls_back_and_is_none_without_one():
     ref = torch.tensor([0.5, 0.0, -0.5])
     ranks = sample_rankings(ref, 16, 2, torch.Generator().manual_seed(0))
     zero_adv = torch.zeros(16)
@@ -98,3 +98,7 @@ def test_kl_term_is_zero_at_the_reference_and_pulls_back_to_it():
     assert stats["kl"] > 0 and moved.grad[0] > 0  # descending the loss lowers the score that moved away
     with pytest.raises(ValueError, match="ref_logp is required"):
         listwise_loss(plackett_luce_logprob(ref, ranks), None, zero_adv, 0.1)
+    adv = torch.linspace(-1.0, 1.0, 16)
+    lp = plackett_luce_logprob(ref, ranks)
+    loss, stats = listwise_loss(lp, None, adv, 0.0)  # beta 0 without a reference: the policy term alone
+    assert stats["kl"] is None and float(loss) == pytest.approx(float(-(adv * lp).mean()), abs=1e-6)

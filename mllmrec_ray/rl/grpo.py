@@ -57,7 +57,7 @@ def grpo_loss(
 
     loss_agg "seq_mean_token_mean" (paper): mean over each response's tokens, then over the
     responses that have at least one token; "token_mean": one mean over all valid tokens.
-    ref_logp may be None only when beta == 0. Returns (scalar loss, float stats).
+    ref_logp may be None only when beta == 0 (then stats' kl is None). Returns (scalar loss, stats).
     """
     if loss_agg not in LOSS_AGGS:
         raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
@@ -87,7 +87,7 @@ def grpo_loss(
         clip_active = ((ratio > 1.0 + clip_eps) & (adv > 0)) | ((ratio < 1.0 - clip_eps) & (adv < 0))
         stats = {
             "loss": float(loss.detach()),
-            "kl": float(masked_mean(kl, mask)),
+            "kl": float(masked_mean(kl, mask)) if ref_logp is not None else None,  # None: not measured (beta 0)
             "clip_frac": float(masked_mean(clip_active.to(logp.dtype), mask)),
             "ratio_mean": float(masked_mean(ratio, mask)),
         }

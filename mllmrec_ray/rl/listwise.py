@@ -70,10 +70,11 @@ def listwise_loss(logp: Tensor, ref_logp: Tensor | None, advantages: Tensor, bet
     if ref_logp is None and beta != 0:
         raise ValueError("ref_logp is required when beta != 0")
     policy = -(advantages.detach().float() * logp)
-    kl = torch.zeros_like(logp)
-    if ref_logp is not None:
-        d = ref_logp.detach().float() - logp
-        kl = torch.exp(d) - d - 1.0
+    if ref_logp is None:  # beta 0 without a reference: KL is not measured, so it is reported as None, not 0
+        loss = policy.mean()
+        return loss, {"loss": float(loss.detach()), "kl": None}
+    d = ref_logp.detach().float() - logp
+    kl = torch.exp(d) - d - 1.0
     loss = (policy + beta * kl).mean()
     return loss, {"loss": float(loss.detach()), "kl": float(kl.detach().mean())}
 
