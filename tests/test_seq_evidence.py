@@ -61,12 +61,21 @@ def test_ranks_follow_the_models_ranking_and_survive_a_round_trip(fitted, tmp_pa
         assert back.ranks(h, c, user) == ev.ranks(h, c, user)
 
 
-def test_prompt_shows_the_rank_and_load_collab_names_a_missing_file(fitted, tmp_path):
-    items, samples, seqs, ev = fitted
+def _data_with_evidence(fitted, tmp_path, evidence: bool = True):
+    """A data dir holding the fixture's samples, items and (unless evidence=False) sequence-model evidence."""
+    items, samples, _, ev = fitted
     data = tmp_path / "data"
     data.mkdir()
     samples.to_parquet(data / "samples.parquet")
     items.to_parquet(data / "items.parquet")
+    if evidence:
+        torch.save(ev.state(), data / SEQ_EVIDENCE)
+    return data
+
+
+def test_prompt_shows_the_rank_and_load_collab_names_a_missing_file(fitted, tmp_path):
+    items, samples, seqs, ev = fitted
+    data = _data_with_evidence(fitted, tmp_path, evidence=False)
     cfg = PromptConfig(collab=True, collab_seq=True)
     with pytest.raises(FileNotFoundError, match=rf"{SEQ_EVIDENCE}.*mllmrec evidence"):
         load_collab(data, cfg)
@@ -86,15 +95,6 @@ def test_prompt_shows_the_rank_and_load_collab_names_a_missing_file(fitted, tmp_
     assert "next-item rank" not in no_hist and SEQ_LEGEND.strip() not in no_hist
 
 
-def _data_with_evidence(fitted, tmp_path):
-    """A data dir holding the fixture's samples, items and sequence-model evidence."""
-    items, samples, _, ev = fitted
-    data = tmp_path / "data"
-    data.mkdir()
-    samples.to_parquet(data / "samples.parquet")
-    items.to_parquet(data / "items.parquet")
-    torch.save(ev.state(), data / SEQ_EVIDENCE)
-    return data
 
 
 def test_short_evidence_style_writes_the_same_levels_and_ranks_in_fewer_tokens(fitted, tmp_path):
