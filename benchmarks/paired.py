@@ -17,6 +17,14 @@ from mllmrec_ray.ranking.metrics import paired_bootstrap_diff
 METRICS = ("HR@3", "NDCG@3", "HR@5", "NDCG@5")
 
 
+def load(path: str, data: str) -> tuple[dict, list, dict]:
+    """(record, sample ids, per-sample metrics) of one evaluation record, its rankings checked against the data."""
+    rec = json.loads(Path(path).read_text())
+    samples = load_split(data, rec["split"], int(rec["candidates"]))[0]
+    sids, rankings = read_rankings(rankings_path(path))
+    return rec, sids, check_rankings(rec, sids, rankings, samples, source=path)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("a")
@@ -24,13 +32,7 @@ def main() -> int:
     p.add_argument("--data", required=True, help="the prepared data dir both records were evaluated on")
     p.add_argument("--json", help="also write the differences here")
     args = p.parse_args()
-    loaded = []
-    for path in (args.a, args.b):
-        rec = json.loads(Path(path).read_text())
-        samples = load_split(args.data, rec["split"], int(rec["candidates"]))[0]
-        sids, rankings = read_rankings(rankings_path(path))
-        loaded.append((rec, sids, check_rankings(rec, sids, rankings, samples, source=path)))
-    (ra, sa, va), (rb, sb, vb) = loaded
+    (ra, sa, va), (rb, sb, vb) = load(args.a, args.data), load(args.b, args.data)
     if (ra["split"], ra["candidates"]) != (rb["split"], rb["candidates"]):
         raise SystemExit(f"error: {args.a} and {args.b} are on different splits or candidate sets")
     where = {s: i for i, s in enumerate(sb)}

@@ -157,3 +157,25 @@ def test_order_sensitivity_table(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| sft | 40 | 0.725 | 0.700, 0.675 | 0.586 | 0.550, 0.557 | 0.53, 0.47 |" in md
     assert md.count("Candidate-order sensitivity") == 1
+
+
+def test_factorial_effects_are_paired_means_over_common_samples(tmp_path):
+    """benchmarks/factorial.py: main effects and interaction of a 2 x 2 equal the per-sample arithmetic."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    test, models = _run_with_rankings(tmp_path)
+    ev = tmp_path / "eval"
+    # cells A0B0, A1B0, A0B1, A1B1 = base, sft, pop, pop: A is "sft vs base" where B is off and 0 where B is on
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "factorial.py"
+    cells = [ev / f"{m}.json" for m in ("base", "sft", "pop", "pop")]
+    out = tmp_path / "effects.json"
+    subprocess.run([sys.executable, str(script), *map(str, cells), "--data", str(tmp_path / "data"),
+                    "--a", "sft", "--b", "pop", "--json", str(out)], check=True, capture_output=True)
+    rows = {(r["effect"], r["metric"]): r for r in json.loads(out.read_text())}
+    hr = {m: per_sample(r, [t["target"] for t in s], (3,))["HR@3"][:30] for m, (s, r) in models.items()}
+    assert rows[("main sft", "HR@3")]["n"] == 30  # sft ranked only the first 30
+    assert rows[("main sft", "HR@3")]["diff"] == pytest.approx(float(np.mean(hr["sft"] - hr["base"])) / 2)
+    assert rows[("main pop", "HR@3")]["diff"] == pytest.approx(float(np.mean(2 * hr["pop"] - hr["base"] - hr["sft"])) / 2)
+    assert rows[("sft x pop", "HR@3")]["diff"] == pytest.approx(float(np.mean(hr["base"] - hr["sft"])))
