@@ -46,6 +46,31 @@ def test_hf_scorer_matches_naive(tiny_llama, case, batch):
         assert g == pytest.approx(e, abs=1e-3)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_hf_scorer_shared_head_matches_naive(tiny_llama, case, batch):
+    """Prompts that start alike (the system prompt and instructions before the history): their common head
+    is computed once and its cache reused across batches and calls; scores equal the naive numbers, for a
+    prompt one token longer than the head too, for a lone later prompt, and after prompts with another head."""
+    from transformers import AutoModelForCausalLM
+
+    prompts, answers, _ = case
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    head = prompts[1][:40]
+    alike = [head + p[:n] for p, n in zip(prompts, (30, 1, 5, 17))]
+    scorer = HFScorer(str(tiny_llama), dtype="float32", chunk=3, batch=batch)
+    for g, p, a in zip(scorer.score(alike, answers), alike, answers):
+        assert g == pytest.approx(_naive(model, p, a), abs=1e-3)
+    assert scorer._prefix[0] == head  # the head, not more: the second prompt adds one token of its own
+    lone = scorer.score([alike[0]], [answers[0]])[0]
+    assert scorer._prefix[0] == head and lone == pytest.approx(_naive(model, alike[0], answers[0]), abs=1e-3)
+    for g, e in zip(scorer.score(prompts, answers), case[2]):  # no common head: the plain path
+        assert g == pytest.approx(e, abs=1e-3)
+    plain = HFScorer(str(tiny_llama), dtype="float32", chunk=3, batch=batch, share_prefix=False)
+    for g, e in zip(plain.score(alike, answers), scorer.score(alike, answers)):
+        assert g == pytest.approx(e, abs=1e-4)
+    assert plain._prefix is None
+
+
 def test_vllm_scorer_matches_naive(tiny_llama, case):
     from mllmrec_ray.config import EngineConfig
     from mllmrec_ray.runtime.engine import Engine
