@@ -225,6 +225,15 @@ class RankerCore:
                           explain_ids)
         return out
 
+    def warm(self) -> None:
+        """Rank for two catalogue histories once before serving: pays the first call's allocations, and the
+        scorer finds the head every prompt shares, which a lone request can reuse but not find."""
+        ids = list(self.items)[:4]
+        if len(ids) == 4:
+            rows = [{"history": [ids[0]], "candidates": ids[2:]}, {"history": [ids[1]], "candidates": ids[2:]}]
+            self._model_call(rank_samples_over_orders, self.backend, self.tokenizer, rows, self._messages,
+                             self.titles, self.readout, 0)
+
     def explain(self, prompts: list[list[int]]) -> list[str]:
         """The model's reasoning after each prompt (prompt + top answer + `<think>`), one batched generate."""
         texts = self._model_call(self.backend.generate, prompts, EXPLAIN_MAX_NEW_TOKENS)
@@ -340,6 +349,7 @@ class Ranker:
         backend = make_backend(model, engine_cfg, bool(ray.get_gpu_ids()), replica_threads(serve_cfg))
         self.core = RankerCore(backend, items, load_collab(data_dir, prompt_cfg), retriever, serve_cfg, prompt_cfg,
                                readout, order_ensemble)
+        self.core.warm()
         self.model_name = Path(model).name
         model_turns = asyncio.Lock()
         self.rank_queue = ModelQueue(self.core.rank, serve_cfg.max_batch_size, model_turns)

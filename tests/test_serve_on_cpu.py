@@ -381,6 +381,24 @@ def test_batched_and_unbatched_requests_rank_the_same(core_factory, data_dir, re
     assert isinstance(text, str) and "</think>" not in text
 
 
+def test_warm_replica_reuses_the_shared_head_for_a_lone_request(core_factory, tiny_llama):
+    """After `warm`, a lone request (one client) scores over the cached head every prompt starts with,
+    and ranks exactly as a replica that computes every prompt whole."""
+    from actors.ranker import HFBackend
+
+    backends = [HFBackend(str(tiny_llama), "float32") for _ in range(2)]
+    backends[1].scorer.share_prefix = False
+    warm, whole = (core_factory("id", backend=b) for b in backends)
+    warm.warm()
+    head = backends[0].scorer._prefix[0]
+    assert len(head) >= 16
+    req = warm.parse(json.dumps({"history": ["3", "7"], "k": 5}).encode())
+    (got, _), (want, _) = warm.rank([req])[0], whole.rank([req])[0]
+    assert backends[0].scorer._prefix[0] == head and backends[1].scorer._prefix is None
+    assert [it["item_id"] for it in got["items"]] == [it["item_id"] for it in want["items"]]
+    assert [it["score"] for it in got["items"]] == pytest.approx([it["score"] for it in want["items"]], abs=1e-4)
+
+
 def test_health_probes_an_idle_model_and_fails_a_hung_or_broken_one(core_factory):
     from actors.ranker import HEALTH_FRESH_S, HEALTH_STUCK_S
 
