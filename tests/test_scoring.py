@@ -69,6 +69,7 @@ def test_hf_scorer_shared_head_matches_naive(tiny_llama, case, batch):
     for g, e in zip(plain.score(alike, answers), scorer.score(alike, answers)):
         assert g == pytest.approx(e, abs=1e-4)
     assert plain._prefix is None
+    assert scorer.score([], []) == []
 
 
 def test_vllm_scorer_matches_naive(tiny_llama, case):

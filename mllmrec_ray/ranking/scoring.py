@@ -92,7 +92,7 @@ class HFScorer:
         out: list[list[float]] = [[] for _ in prompt_ids]
         flush_denormals()  # Serve calls this from a worker thread of its own
         with self.torch.inference_mode():
-            prefix = self._shared_prefix(prompt_ids) if self.share_prefix else None
+            prefix = self._shared_prefix(prompt_ids) if self.share_prefix and prompt_ids else None
             for start in range(0, len(order), self.batch):
                 idx = order[start:start + self.batch]
                 batch = self._score_batch([prompt_ids[i] for i in idx], [answers[i] for i in idx], prefix)
