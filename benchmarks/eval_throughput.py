@@ -132,7 +132,8 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=48, help="prompts measured (naive uses a quarter of them)")
     p.add_argument("--batch", type=int, default=8, help="prompts per forward (scorer and bare)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="interleaved timings of the scorer with and without the shared head")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="interleaved timings of the scorer with and without the shared head")
     p.add_argument("--vllm", action="store_true", help="also measure the vLLM prefix-caching scorer")
     p.add_argument("--out-dir", default="benchmarks/results/eval_throughput")
     args = p.parse_args()

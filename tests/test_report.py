@@ -177,5 +177,6 @@ def test_factorial_effects_are_paired_means_over_common_samples(tmp_path):
     hr = {m: per_sample(r, [t["target"] for t in s], (3,))["HR@3"][:30] for m, (s, r) in models.items()}
     assert rows[("main sft", "HR@3")]["n"] == 30  # sft ranked only the first 30
     assert rows[("main sft", "HR@3")]["diff"] == pytest.approx(float(np.mean(hr["sft"] - hr["base"])) / 2)
-    assert rows[("main pop", "HR@3")]["diff"] == pytest.approx(float(np.mean(2 * hr["pop"] - hr["base"] - hr["sft"])) / 2)
+    main_pop = float(np.mean(2 * hr["pop"] - hr["base"] - hr["sft"])) / 2
+    assert rows[("main pop", "HR@3")]["diff"] == pytest.approx(main_pop)
     assert rows[("sft x pop", "HR@3")]["diff"] == pytest.approx(float(np.mean(hr["base"] - hr["sft"])))

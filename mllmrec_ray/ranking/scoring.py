@@ -31,7 +31,7 @@ from typing import Any
 from mllmrec_ray.prompting.prompts import is_output_constraint
 from mllmrec_ray.runtime.models import flush_denormals, resolve_dtype
 
-# Shorter common heads are not worth a second forward (the demo's prompts share ~50 tokens of ~600).
+# Shorter common heads are not worth a second forward (the demo's prompts share ~56 tokens of ~594).
 MIN_SHARED_PREFIX = 16
 
 RANKING_INSTRUCTION = (
@@ -110,8 +110,9 @@ class HFScorer:
         n = 0
         while n < shortest and all(p[n] == prompts[0][n] for p in prompts):
             n += 1
-        if self._prefix is not None and len(self._prefix[0]) <= n and prompts[0][:len(self._prefix[0])] == self._prefix[0]:
-            return self._prefix
+        cached = self._prefix
+        if cached is not None and len(cached[0]) <= n and prompts[0][:len(cached[0])] == cached[0]:
+            return cached
         # one prompt shares everything with itself: a lone request reuses a head but never sets one
         if len(prompts) < 2 or n < MIN_SHARED_PREFIX:
             return None
