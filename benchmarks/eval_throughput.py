@@ -123,6 +123,21 @@ def write_report(out: dict, args, readout: str) -> None:
         tmp.replace(out_dir / name)
 
 
+def time_scorer(scorer, prompts, answers, rounds: int) -> tuple[dict[str, list[float]], int]:
+    """Seconds per round of `scorer` and of the same scorer computing every prompt whole (what reusing the
+    prompts' common head saves), interleaved: the box's speed drifts within minutes. Also the head's tokens."""
+    whole = copy.copy(scorer)
+    whole.share_prefix, whole._prefix = False, None
+    times: dict[str, list[float]] = {"scorer": [], "whole": []}
+    for _ in range(rounds):
+        for name, sc in (("scorer", scorer), ("whole", whole)):
+            sc._prefix = None  # each round pays for its head again, as one evaluation does
+            t0 = time.perf_counter()
+            sc.score(prompts, answers)
+            times[name].append(time.perf_counter() - t0)
+    return times, len(scorer._prefix[0]) if scorer._prefix else 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="prepared run data dir (samples.parquet, items.parquet, collab)")
@@ -176,18 +191,8 @@ def main() -> int:
     scorer.score(prompts[:args.batch], answers[:args.batch])  # warm-up: first-call allocations
     ceiling = matmul_ceiling(model.config, int(mean_len))
     bare_s = bare_forward(model, prompts, args.batch, scorer.pad)
-    # the same scorer with every prompt computed whole: what reusing the prompts' common head saves
-    whole = copy.copy(scorer)
-    whole.share_prefix, whole._prefix = False, None
-    times = {"scorer": [], "whole": []}
-    for _ in range(args.rounds):  # interleaved, best of: the box's speed drifts within minutes
-        for name, sc in (("scorer", scorer), ("whole", whole)):
-            sc._prefix = None  # each round pays for its head again, as one evaluation does
-            t0 = time.perf_counter()
-            sc.score(prompts, answers)
-            times[name].append(time.perf_counter() - t0)
+    times, head = time_scorer(scorer, prompts, answers, args.rounds)
     scorer_s, whole_s = min(times["scorer"]), min(times["whole"])
-    head = len(scorer._prefix[0]) if scorer._prefix else 0
     quarter = max(len(prompts) // 4, 1)
     naive_s = naive(model, prompts[:quarter], answers[:quarter]) * len(prompts) / quarter
 
