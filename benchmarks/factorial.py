@@ -6,16 +6,14 @@ usage: python benchmarks/factorial.py A0B0.json A1B0.json A0B1.json A1B1.json --
 The four records are the cells (factor A off/on) x (factor B off/on), in that order. Per sample, the main
 effect of A is ((A1B0 - A0B0) + (A1B1 - A0B1)) / 2 and the interaction (A1B1 - A0B1) - (A1B0 - A0B0); each is
 a paired difference of two per-sample means, so `paired_bootstrap_diff` resamples the samples once for all
-four models (2,000 resamples, seed 0), as `paired.py` does for two.
+four models, as `paired.py` does for two.
 """
 
 import argparse
 import json
 from pathlib import Path
 
-from paired import METRICS, load
-
-from mllmrec_ray.ranking.metrics import paired_bootstrap_diff
+from paired import METRICS, bootstrap, load
 
 
 def main() -> int:
@@ -47,11 +45,8 @@ def main() -> int:
             f"{args.a} x {args.b}": (c11 + c00, c01 + c10),
         }
         for name, (x, y) in effects.items():
-            d = paired_bootstrap_diff(x, y, n_resamples=2000, seed=0)
+            d = bootstrap(name, loaded[0][0]["split"], m, x, y)
             rows.append({"effect": name, "metric": m, "n": len(order), **d})
-            star = "*" if d["ci95"][0] > 0 or d["ci95"][1] < 0 else ""
-            print(f"{name} ({loaded[0][0]['split']}, n={len(order)}) {m}: {d['diff']:+.4f} "
-                  f"[{d['ci95'][0]:.3f},{d['ci95'][1]:.3f}]{star}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -25,6 +25,14 @@ def load(path: str, data: str) -> tuple[dict, list, dict]:
     return rec, sids, check_rankings(rec, sids, rankings, samples, source=path)
 
 
+def bootstrap(label: str, split: str, metric: str, a, b) -> dict:
+    """`paired_bootstrap_diff` of two aligned per-sample arrays (2,000 resamples, seed 0), printed as one line."""
+    d = paired_bootstrap_diff(a, b, n_resamples=2000, seed=0)
+    star = "*" if d["ci95"][0] > 0 or d["ci95"][1] < 0 else ""
+    print(f"{label} ({split}, n={len(a)}) {metric}: {d['diff']:+.4f} [{d['ci95'][0]:.3f},{d['ci95'][1]:.3f}]{star}")
+    return d
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("a")
@@ -41,11 +49,8 @@ def main() -> int:
     rows = []
     for m in METRICS:
         if m in va and m in vb:
-            d = paired_bootstrap_diff(va[m][ia], vb[m][ib], n_resamples=2000, seed=0)
+            d = bootstrap(f"{ra['model']} - {rb['model']}", ra["split"], m, va[m][ia], vb[m][ib])
             rows.append({"a": ra["model"], "b": rb["model"], "split": ra["split"], "n": len(common), "metric": m, **d})
-            star = "*" if d["ci95"][0] > 0 or d["ci95"][1] < 0 else ""
-            print(f"{ra['model']} - {rb['model']} ({ra['split']}, n={len(common)}) {m}: {d['diff']:+.4f} "
-                  f"[{d['ci95'][0]:.3f},{d['ci95'][1]:.3f}]{star}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
