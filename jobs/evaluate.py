@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="auto: bf16 where the device computes it natively, else fp32")
     parser.add_argument("--batch", type=int, default=8, help="prompts per scoring / generation batch")
+    parser.add_argument("--workers", type=int, help="score mode, hf scorer, CPU: rank in N one-thread Ray actors, "
+                        "each over its own chunks of samples (default eval.workers, else 1 = in this process)")
     parser.add_argument("--cache-dir", default=None, help="model cache root")
     parser.add_argument("--seed", type=int, default=0, help="engine and bootstrap seed")
     parser.add_argument("--config", help="pipeline YAML: prompt.collab* and eval.readout / eval.order_shuffles "
@@ -61,9 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def eval_settings(args: argparse.Namespace, data: Path) -> tuple:
-    """(readout, order shuffles, order ensemble, collab evidence or None, compact instructions): the flags,
-    else the config's eval.* and prompt.collab / prompt.instructions when --config is given, else answer
-    readout, no shuffles, no evidence, full instructions."""
+    """(readout, order shuffles, order ensemble, collab evidence or None, compact instructions, workers): the
+    flags, else the config's eval.* and prompt.collab / prompt.instructions when --config is given, else answer
+    readout, no shuffles, no evidence, full instructions, one scorer in this process."""
     from mllmrec_ray.config import load_config
     from mllmrec_ray.data.run_data import load_collab
 
@@ -77,12 +79,18 @@ def eval_settings(args: argparse.Namespace, data: Path) -> tuple:
         cfg.prompt.collab = args.collab == "on"
     elif not args.config:
         cfg.prompt.collab = False
-    return readout, shuffles, ensemble, load_collab(data, cfg.prompt), cfg.prompt.instructions == "compact"
+    workers = args.workers if args.workers is not None else (cfg.eval.workers if args.config else 1)
+    if workers < 1:
+        raise SystemExit(f"error: --workers {workers} must be >= 1")
+    if workers > 1 and (args.mode != "score" or args.scorer != "hf"):
+        workers = 1  # the vLLM engine and generate mode run in this process
+    return readout, shuffles, ensemble, load_collab(data, cfg.prompt), cfg.prompt.instructions == "compact", workers
 
 
-def backends(args: argparse.Namespace, model_path: str) -> tuple:
+def backends(args: argparse.Namespace, model_path: str, local_scorer: bool = True) -> tuple:
     """(vLLM engine or None, scorer or None, tokenizer): generate mode and the vllm scorer need the
-    engine, score mode and voting a scorer (transformers by default)."""
+    engine, score mode and voting a scorer (transformers by default; none when `local_scorer` is False:
+    Ray actors score)."""
     from mllmrec_ray.config import EngineConfig
 
     engine = scorer = tokenizer = None
@@ -93,7 +101,7 @@ def backends(args: argparse.Namespace, model_path: str) -> tuple:
         # 100-candidate prompts with captions run to a few thousand tokens.
         engine = Engine(model_path, EngineConfig(dtype=args.dtype, seed=args.seed, max_model_len=4096))
         tokenizer = engine.tokenizer
-    if args.mode == "score" or args.votes:
+    if (args.mode == "score" and local_scorer) or args.votes:
         if args.scorer == "vllm":
             from mllmrec_ray.ranking.scoring import VLLMScorer
 
@@ -113,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
                                         write_record)
     from mllmrec_ray.runtime.models import resolve_dtype, resolve_model
     from mllmrec_ray.prompting.parsing import parse_answer, parse_ranking
-    from mllmrec_ray.prompting.prompts import render_prompt, sample_messages
+    from mllmrec_ray.prompting.prompts import EvalMessages, render_prompt
     from mllmrec_ray.data.run_data import load_items
     from mllmrec_ray.ranking.scoring import rank_samples, rank_samples_over_orders, ranking_messages, vote_ranking
 
@@ -129,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
     manifest = json.loads((data / "manifest.json").read_text()) if (data / "manifest.json").exists() else {}
     dataset = manifest.get("dataset") or data.resolve().name
 
-    readout, shuffles, ensemble, collab, compact = eval_settings(args, data)
+    readout, shuffles, ensemble, collab, compact, workers = eval_settings(args, data)
     model_path = resolve_model(args.model, args.cache_dir)
     samples, _ = load_split(data, args.split, args.candidates)
     if args.max_samples is not None:
@@ -140,14 +148,9 @@ def main(args: argparse.Namespace) -> int:
 
     if args.votes < 0:
         raise SystemExit(f"error: --votes {args.votes} must be >= 0")
-    engine, scorer, tokenizer = backends(args, model_path)
-
-    def messages_of(row: dict, without_history: bool = False) -> list[dict]:
-        # the target never reaches a prompt: only history and candidates are passed on
-        visible = {key: row[key] for key in ("sample_id", "user_id", "history", "candidates")}
-        return sample_messages(visible, items, with_captions=with_captions, think_first=args.think_first,
-                               n_candidates=args.candidates, collab=collab, without_history=without_history,
-                               compact=compact)
+    engine, scorer, tokenizer = backends(args, model_path, local_scorer=workers == 1 or shuffles > 0)
+    # the target never reaches a prompt: only ids, history and candidates are passed on
+    messages_of = EvalMessages(items, with_captions, args.think_first, args.candidates, collab, compact)
 
     def prompt_ids(row: dict, ranking: bool) -> list[int]:
         messages = messages_of(row)
@@ -161,25 +164,29 @@ def main(args: argparse.Namespace) -> int:
     with tqdm(total=len(rows), desc=f"eval {name} ({args.mode})", unit="sample") as bar:
         # score mode hands the scorer several batches at once: it groups prompts of similar length
         step = args.batch * (4 if args.mode == "score" else 1)
-        for start in range(0, len(rows), step):
-            batch = rows[start:start + step]
-            if args.mode == "score":
-                rankings += rank_samples_over_orders(scorer, tokenizer, batch, messages_of, titles, readout,
-                                                     ensemble, args.seed)[0]
-            elif args.votes:
-                groups = engine.generate([prompt_ids(r, False) for r in batch], n=args.votes, temperature=1.0,
-                                         top_p=1.0, max_tokens=32)
-                scores = rank_samples(scorer, tokenizer, batch, messages_of, titles, readout)[1]
-                for r, group, sc in zip(batch, groups, scores):
-                    chosen = [parse_answer(c.text, r["candidates"], think_first=args.think_first).item_id
-                              for c in group]
-                    rankings.append(vote_ranking([str(c) for c in r["candidates"]], chosen, sc))
-            else:
-                ids = [prompt_ids(r, True) for r in batch]
-                groups = engine.generate(ids, n=1, temperature=0.0, top_p=1.0, max_tokens=24 * k)
-                for r, group in zip(batch, groups):
-                    rankings.append(parse_ranking(group[0].text, r["candidates"], k))
-            bar.update(len(batch))
+        if workers > 1:
+            chunks = [rows[i:i + step] for i in range(0, len(rows), step)]
+            rankings = rank_in_workers(args, model_path, workers, chunks, messages_of, titles, readout, ensemble, bar)
+        else:
+            for start in range(0, len(rows), step):
+                batch = rows[start:start + step]
+                if args.mode == "score":
+                    rankings += rank_samples_over_orders(scorer, tokenizer, batch, messages_of, titles, readout,
+                                                         ensemble, args.seed)[0]
+                elif args.votes:
+                    groups = engine.generate([prompt_ids(r, False) for r in batch], n=args.votes, temperature=1.0,
+                                             top_p=1.0, max_tokens=32)
+                    scores = rank_samples(scorer, tokenizer, batch, messages_of, titles, readout)[1]
+                    for r, group, sc in zip(batch, groups, scores):
+                        chosen = [parse_answer(c.text, r["candidates"], think_first=args.think_first).item_id
+                                  for c in group]
+                        rankings.append(vote_ranking([str(c) for c in r["candidates"]], chosen, sc))
+                else:
+                    ids = [prompt_ids(r, True) for r in batch]
+                    groups = engine.generate(ids, n=1, temperature=0.0, top_p=1.0, max_tokens=24 * k)
+                    for r, group in zip(batch, groups):
+                        rankings.append(parse_ranking(group[0].text, r["candidates"], k))
+                bar.update(len(batch))
     seconds = time.perf_counter() - t0
 
     extra = {"mode": args.mode, "model_path": model_path, "with_captions": with_captions,
@@ -187,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
              "samples_per_s": round(len(rows) / seconds, 3) if seconds else None}
     if args.mode == "score":
         extra.update(scorer=args.scorer, readout=readout, collab=collab is not None, weights=args.weights,
-                     order_ensemble=ensemble)
+                     order_ensemble=ensemble, workers=workers)
         if shuffles:
             extra["order_sensitivity"] = order_sensitivity(scorer, tokenizer, rows[:args.shuffle_samples],
                                                            messages_of, titles, readout, shuffles, args.seed,
@@ -205,6 +212,34 @@ def main(args: argparse.Namespace) -> int:
     print(format_table([record]))
     print(f"wrote {out}")
     return 0
+
+
+def rank_in_workers(args: argparse.Namespace, model_path: str, workers: int, chunks: list[list[dict]], messages_of,
+                    titles: dict, readout: str, ensemble: int, bar) -> list[list[str]]:
+    """Rankings of every chunk, in order, from `workers` one-thread `EvalScorer` actors that take the next
+    chunk as they finish one (on CPU: see actors/eval_scorer.py for why this beats one N-thread scorer)."""
+    import torch
+    from ray.util import ActorPool
+
+    from actors.eval_scorer import EvalScorer
+    from jobs.common import CommandError, init_ray
+
+    if torch.cuda.is_available():
+        raise CommandError(f"--workers {workers}: one-thread CPU scorers on a host with a GPU; use --workers 1")
+    ray = init_ray()
+    shared = ray.put(messages_of)  # items and evidence once in the object store, not once per actor
+    actors = [ray.remote(num_cpus=1)(EvalScorer).remote(model_path, shared, titles, readout, ensemble, args.seed,
+                                                           dtype=args.dtype, adapter=args.weights == "adapter",
+                                                           batch=args.batch, threads=1) for _ in range(workers)]
+    rankings: list[list[str]] = []
+    try:
+        for ranked in ActorPool(actors).map(lambda actor, chunk: actor.rank.remote(chunk), chunks):
+            rankings += ranked
+            bar.update(len(ranked))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return rankings
 
 
 def order_sensitivity(scorer, tokenizer, rows: list[dict], messages_of, titles: dict, readout: str,

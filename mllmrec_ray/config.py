@@ -328,6 +328,8 @@ class EvalConfig:
 
     max_samples: LLM rows on the first N samples of the split only (smoke runs); the
         baselines always use the whole split, and the results table's `n` column says which.
+    workers: score mode on CPU: this many one-thread scorers (Ray actors), each over its own chunks of
+        samples; 1 scores in the job's process on every core (GPU hosts: 1).
     """
 
     mode: Literal["score", "generate"] = "score"
@@ -336,6 +338,7 @@ class EvalConfig:
     order_ensemble: NonNegInt = 0
     split: Literal["train", "valid", "test"] = "test"
     max_samples: PosInt | None = None
+    workers: PosInt = 1
     models: Annotated[list[EVAL_MODELS], AfterValidator(_unique)] = field(
         default_factory=lambda: ["base", "sft", "grpo", "pop", "sasrec"])
 

@@ -56,7 +56,8 @@ STAGE_READS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sft": (("sft", "model.name", "model.lora", "model.save_dtype", "prompt", "stage1.cot_source"),
             ("sft.checkpoint_every",)),
     "grpo": (("grpo", "model", "prompt", "stage1.cot_source"), ("grpo.checkpoint_every", "grpo.keep_checkpoints")),
-    "eval-*": (("eval", "prompt", "model.engine"), ("eval.models",)),
+    # eval.workers: how many scorers share the samples, not how a sample is scored
+    "eval-*": (("eval", "prompt", "model.engine"), ("eval.models", "eval.workers")),
     "report": ((), ()),
 }
 _DEFAULT_READS: tuple[tuple[str, ...], tuple[str, ...]] = (("*",), ("serve", "eval.models"))

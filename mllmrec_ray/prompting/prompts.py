@@ -12,6 +12,7 @@ and turns ``[ ] < >`` into ``( ) ( )``; so no title can ever form an ``[ITEM_..]
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 UNTITLED = "(untitled)"
@@ -162,6 +163,26 @@ def sample_messages(
     evidence = None if collab is None else collab.texts(history_ids, cand_ids, sample.get("user_id"))
     return build_messages(history, cands, reasoning, with_captions, think_first, evidence=evidence,
                           legend=None if collab is None else collab.legend(evidence), compact=compact)
+
+
+@dataclass
+class EvalMessages:
+    """`messages_of(row, without_history)` of an evaluation: only the row's ids, history and candidates reach
+    `sample_messages`, never its target. A picklable object, so the scorers of `mllmrec eval --workers N`
+    build exactly the prompts the job itself would."""
+
+    items: Mapping[str, Mapping[str, Any]]
+    with_captions: bool = False
+    think_first: bool = False
+    n_candidates: int = 10
+    collab: Any = None
+    compact: bool = False
+
+    def __call__(self, row: Mapping[str, Any], without_history: bool = False) -> list[dict]:
+        visible = {key: row[key] for key in ("sample_id", "user_id", "history", "candidates")}
+        return sample_messages(visible, self.items, with_captions=self.with_captions, think_first=self.think_first,
+                               n_candidates=self.n_candidates, collab=self.collab, without_history=without_history,
+                               compact=self.compact)
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
