@@ -2,12 +2,14 @@
 
 Usage: mllmrec eval --data DIR --model PATH_OR_ALIAS [--name NAME] [--split test]
                     [--candidates 10|100] [--mode score|generate] [--scorer hf|vllm]
-                    [--max-samples N] [--out FILE]
+                    [--max-samples N] [--workers N] [--out FILE]
 
 score:    rank every candidate by the model's log-likelihood of its answer line
           (mllmrec_ray.ranking.scoring); every sample gets a full ranking.
 generate: ask for a top-K list (K = 5 for 10 candidates, 10 for 100), parse it strictly;
           a sample with no valid item is a miss (valid_ratio in the record).
+--workers N (score mode, hf scorer, CPU): N one-thread Ray actors rank the chunks of samples
+          (`actors/eval_scorer.py`), the same rankings sooner than one N-thread scorer.
 The record goes to --out, by default `<run>/eval/<name>.json` when DIR is `<run>/data`.
 """
 
